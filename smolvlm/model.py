@@ -1,0 +1,181 @@
+"""SmolVLM: vision tower -> connector -> image features merged into the decoder's token embeddings.
+
+Matches `SmolVLMForConditionalGeneration` / `SmolVLMModel`
+(transformers/models/smolvlm/modeling_smolvlm.py). Read `SmolVLM.forward` top to bottom: it is the
+whole pipeline. Each stage is also a method of its own (`image_features`, `embed`, `decode`,
+`logits`) so tests and experiments can call one stage alone.
+
+Module names follow the checkpoint's tensor names: `model.vision_model`, `model.connector`,
+`model.text_model`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smolvlm.config import SmolVLMConfig
+from smolvlm.connector import Connector
+from smolvlm.text import AttentionFn, CausalAttention, TextModel
+from smolvlm.vision import VisionTransformer, patch_mask_from_pixels
+from smolvlm.weights import load_weights, resolve_checkpoint
+
+
+class ImageTokenMismatchError(ValueError):
+    """The number of `<image>` tokens in the prompt differs from the number of image features."""
+
+
+class SmolVLMModel(nn.Module):
+    """The three sub-networks, under the names the checkpoint uses (`model.*`)."""
+
+    def __init__(self, config: SmolVLMConfig):
+        super().__init__()
+        self.vision_model = VisionTransformer(config.vision)
+        self.connector = Connector(config)
+        self.text_model = TextModel(config.text)
+
+
+class SmolVLM(nn.Module):
+    def __init__(self, config: SmolVLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = SmolVLMModel(config)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "SmolVLM":
+        """Load a checkpoint directory (or hub repo id): config.json + safetensors, strictly."""
+        directory = resolve_checkpoint(path_or_repo_id)
+        config = SmolVLMConfig.from_file(directory / "config.json")
+        with torch.device("meta"):  # no random init, no memory until the real tensors arrive
+            model = cls(config)
+        if config.tie_word_embeddings:
+            del model.lm_head.weight  # filled from embed_tokens below; not expected in the file
+        load_weights(model, directory, dtype=dtype, device=device)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.text_model.embed_tokens.weight
+        model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
+        return model.eval()
+
+    # ------------------------------------------------------------------ stages
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tiles -> decoder-sized image tokens, (n_real_tiles, image_seq_len, hidden).
+
+        pixel_values (B, N, 3, H, W) as the processor gives them (or (N, 3, H, W)); all-zero tiles
+        are batch padding and are dropped first (transformers: get_image_features).
+        """
+        tiles, pixel_mask = self._real_tiles(pixel_values, pixel_attention_mask)
+        patch_mask = patch_mask_from_pixels(pixel_mask, self.config.vision.patch_size)  # (N, Hp, Wp)
+        patch_features = self.vision_features(tiles, patch_mask)  # (N, Hp*Wp, Dv)
+        return self.model.connector(patch_features)  # (N, image_seq_len, D)
+
+    def vision_features(self, tiles: torch.Tensor, patch_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The SigLIP tower alone: (N, 3, H, W) -> (N, Hp*Wp, Dv)."""
+        return self.model.vision_model(tiles.to(self.dtype), patch_attention_mask)
+
+    def _real_tiles(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[None]
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values should be (B, N, C, H, W), got shape {tuple(pixel_values.shape)}")
+        b, n, c, h, w = pixel_values.shape
+        tiles = pixel_values.reshape(b * n, c, h, w)
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones(b * n, h, w, dtype=torch.bool, device=tiles.device)
+        else:
+            if tuple(pixel_attention_mask.shape[-2:]) != (h, w) or pixel_attention_mask.numel() != b * n * h * w:
+                raise ValueError(
+                    f"pixel_attention_mask shape {tuple(pixel_attention_mask.shape)} does not match "
+                    f"pixel_values {tuple(pixel_values.shape)}"
+                )
+            pixel_mask = pixel_attention_mask.reshape(b * n, h, w).bool()
+        real = (tiles != 0).flatten(1).any(dim=1)  # (B*N,) False for all-zero padding tiles
+        if not bool(real.any()):
+            real[0] = True  # transformers keeps one tile rather than run the tower on nothing
+        return tiles[real], pixel_mask[real]
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written at the `<image>` positions, in prompt order.
+
+        input_ids (...,) -> (..., hidden). image_features (n_tiles, image_seq_len, hidden) or None.
+        (transformers: SmolVLMModel.inputs_merger)
+        """
+        embeds = self.model.text_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        n_slots = int(is_image.sum())
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_features:
+            raise ImageTokenMismatchError(
+                f"the prompt has {n_slots} <image> tokens (id {self.config.image_token_id}) but the images give "
+                f"{n_features} features ({0 if image_features is None else image_features.shape[0]} tiles x "
+                f"{self.config.image_seq_len}); each image tile needs exactly {self.config.image_seq_len} "
+                f"<image> tokens, in order"
+            )
+        if n_slots:
+            embeds = embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype).reshape(-1))
+        return embeds
+
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """The decoder stack: embeddings -> final-normed hidden states."""
+        return self.model.text_model(inputs_embeds, positions, attention)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), no cache.
+
+        `attention_mask` (B, T) marks real tokens of a left-padded batch; positions then count real
+        tokens only (cumsum - 1), unless `position_ids` are given.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids should be (B, T), got shape {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        features = None
+        if pixel_values is not None:
+            mask = None if pixel_attention_mask is None else pixel_attention_mask.to(self.device)
+            features = self.image_features(pixel_values.to(self.device), mask)
+        embeds = self.embed(input_ids, features)  # (B, T, D)
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
+            else:
+                position_ids = (attention_mask.to(self.device).long().cumsum(-1) - 1).clamp(min=0)
+        attention = CausalAttention(attention_mask, input_ids.shape[1], self.device)
+        hidden = self.decode(embeds, position_ids.to(self.device), attention)  # (B, T, D)
+        return self.logits(hidden)

@@ -1,0 +1,168 @@
+"""Llama-style decoder (SmolLM2): token embeddings -> hidden states.
+
+Matches `LlamaModel` (transformers/models/llama/modeling_llama.py): pre-norm RMSNorm (computed in
+fp32), rotary position embeddings (rotate-half, non-interleaved), grouped-query attention, SwiGLU
+MLP, final RMSNorm. The LM head lives in `model.py`.
+
+Attention is the one piece that changes between uses (a whole prompt at once for parity tests and
+`SmolVLM.forward`, a paged KV cache in the engine, a Triton kernel on GPU), so the decoder does not
+compute it itself: every layer calls an *attention function* passed in by the caller,
+
+    attention(layer_idx, q, k, v) -> out      q (..., Hq, D), k/v (..., Hkv, D), out (..., Hq, D)
+
+where `...` is whatever token layout the caller uses ((B, T) here, flat (N,) in the engine).
+`CausalAttention` below is the plain one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.config import TextConfig
+
+
+class AttentionFn(Protocol):
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 island: the variance and the normalisation run in fp32, the weight multiplies in the
+        # input dtype (transformers: LlamaRMSNorm.forward).
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; inv_freq = 1 / theta^(2i/D), kept in fp32 on every dtype."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        # Explicit device: the model may be built under `torch.device("meta")` before its weights load,
+        # and this buffer is computed, not loaded.
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 island (transformers: LlamaRotaryEmbedding.forward): angles in fp32, cast at the end.
+        angles = positions.float()[..., None] * self.inv_freq  # (..., D/2)
+        emb = torch.cat((angles, angles), dim=-1)  # (..., D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., H, D); cos/sin (..., D), broadcast over heads."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        lead = x.shape[:-1]  # (B, T) or (N,)
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # (..., Hq, D)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(self.layer_idx, q, k, v)  # (..., Hq, D)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings in, final-normed hidden states out (no LM head)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden)."""
+        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)  # (..., D) each, shared by all layers
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention)
+        return self.norm(x)
+
+
+class CausalAttention:
+    """Attention over one whole (possibly left-padded) batch, no cache: `(B, T)` token layout.
+
+    `attention_mask` (B, T): 1 for real tokens, 0 for padding. Each query sees the real keys at or
+    before it. A padding query would see no key at all (a NaN row in softmax); it is allowed to
+    see itself instead: its output is never used.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, seq_len: int, device: torch.device):
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # (T, T)
+        if attention_mask is None or bool(attention_mask.all()):
+            self.mask = None  # plain causal: let SDPA use its fast path
+        else:
+            keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+            diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
+            self.mask = (causal & keys) | diagonal  # (B, 1, T, T)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # (B, T, H, D) -> (B, H, T, D) for SDPA; KV heads are shared by groups of query heads (GQA).
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return out.transpose(1, 2)  # (B, T, Hq, D)

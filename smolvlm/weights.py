@@ -1,0 +1,123 @@
+"""Checkpoint location and strict safetensors loading.
+
+Strict means: every tensor in the file is used, every parameter of the model is filled, every shape
+matches; otherwise `CheckpointError` lists the offending names. Weights are read with safetensors
+only (memory-mapped, never pickle). The checkpoint's tensor names are the module paths of our model
+(`model.text_model.layers.0.self_attn.q_proj.weight` is `SmolVLM.model.text_model.layers[0]...`),
+so there is no renaming table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be found or does not match the model."""
+
+
+# The files a model directory may need; used to restrict hub downloads.
+CHECKPOINT_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is, else a Hugging Face hub repo id downloaded into the hub cache.
+
+    Local-first: an existing directory always wins. A repo id is fetched with huggingface-hub
+    (cached, with its progress bar); offline, the cache is used if it has the files.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; expected a checkpoint directory or a hub repo id")
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint directory {text} does not exist (and it is not a hub repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns or CHECKPOINT_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {text!r} from the Hugging Face hub and it is not in the local cache "
+            f"({type(e).__name__}: {e}). If you are offline, pass the path of a local checkpoint "
+            f"directory instead (one holding config.json and model.safetensors)."
+        ) from None
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """`model.safetensors`, or the shards named by `model.safetensors.index.json`."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted({directory / name for name in weight_map.values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors file in {directory}")
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"weight shard {f} listed in the index is missing")
+    return files
+
+
+def load_weights(
+    model: nn.Module,
+    directory: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
+    """Fill every parameter of `model` (which may live on the meta device) from the safetensors files.
+
+    Tensors are converted to `dtype` and moved to `device` one at a time, then assigned in place of
+    the module's parameters (`load_state_dict(assign=True)`), so no random init and no second copy.
+    Floating-point tensors only are cast; buffers that are not in the checkpoint (RoPE frequencies)
+    stay as the model built them.
+    """
+    expected = {name: p for name, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    for file in safetensors_files(directory):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        with handle:
+            for name in handle.keys():
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                if name in state:
+                    raise CheckpointError(f"tensor {name} appears in more than one shard")
+                want = tuple(expected[name].shape)
+                got = tuple(handle.get_slice(name).get_shape())
+                if got != want:
+                    misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(want)}")
+                    continue
+                tensor = handle.get_tensor(name)
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"tensor {name} has non-float dtype {tensor.dtype}")
+                state[name] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshaped})
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}"
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if misshaped:
+        problems.append(f"shape mismatches ({len(misshaped)}): {'; '.join(misshaped[:20])}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match the model config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
