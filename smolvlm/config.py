@@ -118,7 +118,7 @@ class TextConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     hidden_act: str = "silu"
 
@@ -170,7 +170,8 @@ class TextConfig:
             num_key_value_heads=_get(d, "num_key_value_heads", int, w, heads),
             head_dim=_get(d, "head_dim", int, w, hidden // heads if heads else 0),
             max_position_embeddings=_get(d, "max_position_embeddings", int, w),
-            rms_norm_eps=_get(d, "rms_norm_eps", float, w, 1e-6),
+            # SmolVLMConfig builds its text config with rms_norm_eps 1e-5 unless config.json says otherwise.
+            rms_norm_eps=_get(d, "rms_norm_eps", float, w, 1e-5),
             rope_theta=rope_theta,
             hidden_act=_get(d, "hidden_act", str, w, "silu"),
         )

@@ -22,26 +22,22 @@ def patch_position_ids(patch_attention_mask: torch.Tensor, patches_per_side: int
     The valid region (h x w patches, top-left) is stretched over the full `patches_per_side`^2 table:
     patch (i, j) gets bucket(i / h) * side + bucket(j / w), where bucket() finds which of `side` equal
     intervals of [0, 1) the fraction falls in. A full tile gets the identity 0..side^2-1. Padded
-    patches keep position 0. (transformers: SmolVLMVisionEmbeddings.forward)
+    patches get position 0. Same float32 arithmetic as transformers 5.24
+    (SmolVLMVisionEmbeddings.forward), so bucket edges fall the same way.
 
     patch_attention_mask: (N, Hp, Wp) bool. Returns (N, Hp*Wp) long.
     """
     n, rows, cols = patch_attention_mask.shape
     device = patch_attention_mask.device
     boundaries = torch.arange(1 / patches_per_side, 1.0, 1 / patches_per_side, device=device)
-    position_ids = torch.zeros(n, rows * cols, dtype=torch.long, device=device)
-    valid_rows = patch_attention_mask[:, :, 0].sum(dim=1).tolist()  # (N,) patches down the first column
-    valid_cols = patch_attention_mask[:, 0, :].sum(dim=1).tolist()  # (N,) patches along the first row
-    for i, (h, w) in enumerate(zip(valid_rows, valid_cols)):
-        if h == 0 or w == 0:
-            continue
-        frac_h = torch.arange(0, 1 - 1e-6, 1 / h, device=device)  # (h,) same float steps as transformers
-        frac_w = torch.arange(0, 1 - 1e-6, 1 / w, device=device)  # (w,)
-        bucket_h = torch.bucketize(frac_h, boundaries, right=True)
-        bucket_w = torch.bucketize(frac_w, boundaries, right=True)
-        ids = (bucket_h[:, None] * patches_per_side + bucket_w[None, :]).flatten()  # (h*w,)
-        position_ids[i, patch_attention_mask[i].flatten()] = ids
-    return position_ids
+    step_h = 1.0 / patch_attention_mask[:, :, 0].sum(dim=1)  # (N,) 1 / valid patches down the first column
+    step_w = 1.0 / patch_attention_mask[:, 0, :].sum(dim=1)  # (N,) 1 / valid patches along the first row
+    frac_h = torch.arange(rows, device=device, dtype=torch.float32)[None, :] * step_h[:, None]  # (N, Hp)
+    frac_w = torch.arange(cols, device=device, dtype=torch.float32)[None, :] * step_w[:, None]  # (N, Wp)
+    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, Hp)
+    bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # (N, Wp)
+    ids = (bucket_h[:, :, None] * patches_per_side + bucket_w[:, None, :]).reshape(n, -1)  # (N, Hp*Wp)
+    return torch.where(patch_attention_mask.reshape(n, -1), ids, torch.zeros_like(ids))
 
 
 class VisionEmbeddings(nn.Module):
