@@ -71,9 +71,9 @@ class VisionConfig:
                 f"config.json: vision_config.hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        if self.image_size % self.patch_size:
+        if self.image_size < self.patch_size:
             raise ConfigError(
-                f"config.json: vision_config.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"config.json: vision_config.image_size {self.image_size} is smaller than patch_size {self.patch_size}"
             )
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"config.json: vision_config.hidden_act {self.hidden_act!r} is not supported")
@@ -84,6 +84,7 @@ class VisionConfig:
 
     @property
     def patches_per_side(self) -> int:
+        # The conv drops a remainder: the 2.2B model's 384 px / 14 px patches give a 27x27 grid.
         return self.image_size // self.patch_size
 
     @property

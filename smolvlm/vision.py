@@ -146,5 +146,7 @@ def patch_mask_from_pixels(pixel_attention_mask: torch.Tensor, patch_size: int) 
     (transformers: SmolVLMModel.get_image_features, the unfold/sum step)
     """
     n, h, w = pixel_attention_mask.shape
-    grid = pixel_attention_mask.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size)
+    rows, cols = h // patch_size, w // patch_size  # a remainder is dropped, as the patch conv drops it
+    crop = pixel_attention_mask[:, : rows * patch_size, : cols * patch_size]
+    grid = crop.reshape(n, rows, patch_size, cols, patch_size)
     return grid.any(dim=4).any(dim=2)  # (N, Hp, Wp)
