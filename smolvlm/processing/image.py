@@ -1,0 +1,217 @@
+"""Images: load any supported source to RGB, then resize and cut into tiles, all with Pillow.
+
+Reference: transformers' `SmolVLMImageProcessorPil` (models/smolvlm/image_processing_pil_smolvlm.py)
+and `load_image` / `convert_to_rgb` (image_utils.py, image_transforms.py). Every resize there goes
+uint8 numpy -> PIL -> `Image.resize(..., LANCZOS)` -> uint8 numpy, so working on PIL images
+throughout gives the same bytes. Pipeline for one image (REFERENCE.md section 5):
+
+    RGB  ->  resize so the longest edge is `longest_edge` (2048), aspect kept, short side even
+         ->  resize up to multiples of `tile_size` (512)           [splitting on]
+         ->  R x C tiles, row-major, + the whole image at tile_size² as the global tile, last
+    or   ->  one tile_size² tile, R = C = 0                         [splitting off]
+
+Tiles leave this file as uint8 (3, H, W); normalisation to float happens in `pixels.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from smolvlm.processing.config import MAX_IMAGE_SIZE, ImageSettings
+from smolvlm.processing.errors import ProcessorError
+
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 64 * 1024 * 1024  # refuse downloads larger than this
+
+
+@dataclass
+class ImageTiles:
+    tiles: np.ndarray  # (N, 3, tile, tile) uint8; N = rows * cols + 1 when split, else 1
+    rows: int  # 0 when the image was not split
+    cols: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: every source ends as an RGB PIL image.
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    """transformers' `load_image`: open, apply the EXIF orientation, convert("RGB") (alpha dropped)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now so truncated files fail here, with the name attached
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise ProcessorError(f"{name} is not a readable image file") from e
+    except Image.DecompressionBombError as e:
+        raise ProcessorError(f"{name} is too large to decode safely: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated or corrupt data this way
+        raise ProcessorError(f"{name} is corrupt or truncated: {e}") from e
+
+
+def _read_path(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise ProcessorError(f"image file not found: {path}")
+    return path.read_bytes()
+
+
+def fetch_url(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """GET an http(s) URL with a timeout and a size cap."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(max_bytes + 1)
+    except OSError as e:  # URLError, HTTPError, socket timeouts are all OSError
+        raise ProcessorError(f"cannot fetch {url}: {e}") from e
+    if len(data) > max_bytes:
+        raise ProcessorError(f"{url} is larger than the {max_bytes}-byte limit")
+    return data
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    payload = uri.split(",", 1)[1] if uri.startswith("data:") else uri
+    try:
+        return base64.b64decode(payload, validate=False)
+    except ValueError as e:
+        raise ProcessorError(f"invalid base64 image data ({uri[:40]}...)") from e
+
+
+def _rgb_from_pil(image: Image.Image) -> Image.Image:
+    """transformers' `convert_to_rgb` for PIL inputs: transparency is composited onto white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _rgb_from_array(array: np.ndarray) -> Image.Image:
+    """transformers' `convert_to_rgb` for uint8 numpy inputs: (H, W), (H, W, C) or (C, H, W), C in 1, 3, 4."""
+    if array.dtype != np.uint8:
+        raise ProcessorError(f"numpy images must be uint8 in [0, 255], got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim != 3:
+        raise ProcessorError(f"numpy images must have 2 or 3 dimensions, got shape {array.shape}")
+    elif array.shape[0] in (1, 3, 4):  # channel-first wins ties, as transformers infers it
+        array = array.transpose(1, 2, 0)
+    elif array.shape[2] not in (1, 3, 4):
+        raise ProcessorError(f"numpy image has no channel axis of size 1, 3 or 4: shape {array.shape}")
+    channels = array.shape[2]
+    if channels == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif channels == 4:
+        alpha = array[..., 3:4] / 255  # float64, as in transformers
+        array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def load_image(item: dict[str, Any]) -> Image.Image:
+    """An RGB PIL image from one {"type": "image", ...} content item.
+
+    Accepted keys (the first present wins): "image" (PIL image, uint8 numpy array, bytes, or a
+    path / URL string), "url" (http, https or data URI), "path", "base64".
+    """
+    for key in ("image", "url", "path", "base64"):
+        if key in item:
+            source = item[key]
+            break
+    else:
+        raise ProcessorError(f"image item has none of the keys image/url/path/base64: {sorted(item)}")
+
+    if isinstance(source, Image.Image):
+        return _rgb_from_pil(source)
+    if isinstance(source, np.ndarray):
+        return _rgb_from_array(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _open_bytes(bytes(source), f"image bytes ({len(source)} bytes)")
+    if isinstance(source, Path):
+        return _open_bytes(_read_path(source), str(source))
+    if isinstance(source, str):
+        if key == "base64" or source.startswith("data:"):
+            return _open_bytes(_decode_data_uri(source), "base64 image")
+        if source.startswith(("http://", "https://")):
+            return _open_bytes(fetch_url(source), source)
+        return _open_bytes(_read_path(source), source)
+    raise ProcessorError(f"unsupported image source of type {type(source).__name__} under key {key!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: transformers' helper functions, same arithmetic (int() truncation, even bump, 4096 cap).
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_to_longest_edge(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """`_resize_output_size_rescale_to_max_len` then `_resize_output_size_scale_below_upper_bound`."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect_ratio)
+        height += height % 2  # bumped to even
+    else:
+        height = longest_edge
+        width = int(height * aspect_ratio)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+
+    aspect_ratio = width / height  # cap the longest edge at 4096
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect_ratio)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect_ratio)
+    return max(height, 1), max(width, 1)
+
+
+def resize_to_tile_multiple(height: int, width: int, tile: int) -> tuple[int, int]:
+    """`resize_for_vision_encoder`: the long side rounds up to a multiple of `tile`, the short side
+    is derived from the new long side, truncated, then rounded up too."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect_ratio) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect_ratio) / tile) * tile
+    return height, width
+
+
+def _resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
+    return image.resize((width, height), resample=resample)
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def split_image(image: Image.Image, settings: ImageSettings) -> ImageTiles:
+    """Resize and cut one RGB image into tiles (`SmolVLMImageProcessorPil._preprocess` for one image)."""
+    tile, resample = settings.tile_size, settings.resample
+    height, width = resize_to_longest_edge(image.height, image.width, settings.longest_edge)
+    image = _resize(image, height, width, resample)
+
+    if not settings.do_image_splitting:
+        return ImageTiles(tiles=_chw(_resize(image, tile, tile, resample))[None], rows=0, cols=0)
+
+    height, width = resize_to_tile_multiple(height, width, tile)
+    image = _resize(image, height, width, resample)
+    if height <= tile and width <= tile:
+        return ImageTiles(tiles=_chw(image)[None], rows=0, cols=0)
+
+    rows = (height - tile) // tile + 1
+    cols = (width - tile) // tile + 1
+    pixels = _chw(image)  # (3, rows * tile, cols * tile)
+    tiles = [pixels[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows) for c in range(cols)]
+    tiles.append(_chw(_resize(image, tile, tile, resample)))  # the global view, last
+    return ImageTiles(tiles=np.stack(tiles), rows=rows, cols=cols)

@@ -1,0 +1,307 @@
+"""The Processor: conversations in, model inputs out (input_ids, pixel_values, pixel_attention_mask).
+
+    proc = Processor.from_pretrained("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")   # or a directory
+    batch = proc(messages, add_generation_prompt=True)        # dict of tensors, transformers' keys/values
+    item = proc.prepare(messages)                             # one ProcessedConversation (+ content hashes)
+
+`proc(messages)` returns what transformers 5.24 returns for
+`SmolVLMProcessor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+return_dict=True, return_tensors="pt")` with the Pillow image processor: same keys, identical
+input_ids / attention_mask / pixel_attention_mask, identical pixel_values (bit for bit on this
+machine). The steps of one conversation (`prepare`), each in its own file:
+
+    messages --chat_template.py--> prompt with one <image> / <video> per media item
+             --image.py / video.py--> uint8 tiles per item (+ rows/cols, frame timestamps)
+             --prompt.py--> placeholders expanded to tile markers and <image> runs
+             --tokenizer.py--> input_ids          --pixels.py--> float32 tiles, content hash
+
+A list of conversations is a padded batch (`collate`). Padding is on the LEFT by default: the batch
+is meant for generation, where every row's last prompt token must sit in the last column
+(transformers pads on the tokenizer's side, right, unless told; pass padding_side="right" for that).
+
+Where we deliberately differ from transformers (it is either broken or silent there):
+- string message content renders as one text item (transformers' image template drops it);
+- images and videos may be mixed in one conversation or batch: tiles follow prompt order
+  (transformers overwrites image pixel_values with the video's);
+- unknown content types, a placeholder count that does not match the media, a prompt longer than the
+  context all raise `ProcessorError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smolvlm.processing import chat_template
+from smolvlm.processing.config import ProcessorConfig, load_processor_config
+from smolvlm.processing.errors import ProcessorError
+from smolvlm.processing.image import load_image, split_image
+from smolvlm.processing.pixels import image_lut, normalize_tiles, pad_batch, tiles_sha256, video_lut
+from smolvlm.processing.prompt import expand_placeholders, image_prompt, video_prompt
+from smolvlm.processing.tokenizer import Tokenizer
+from smolvlm.processing.video import duration_text, load_video, resize_frames, timestamp_texts
+
+# What `from_pretrained` downloads for a hub repo id (nothing else: no weights).
+PROCESSOR_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "config.json",
+]
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a conversation, in prompt order."""
+
+    kind: str  # "image" or "video"
+    sha256: str  # hash of the tiles as the model sees them (uint8 bytes + shape + normalisation)
+    num_tiles: int  # tiles (image) or frames (video) this item contributes to pixel_values
+    rows: int = 0  # image split grid, 0 x 0 when unsplit
+    cols: int = 0
+    timestamps: list[str] = field(default_factory=list)  # video: MM:SS per sampled frame
+
+
+@dataclass
+class ProcessedConversation:
+    input_ids: list[int]
+    prompt: str  # the expanded prompt text that was tokenized
+    pixel_values: np.ndarray | None  # (N, 3, H, W) float32, all items' tiles in prompt order
+    media: list[MediaItem]
+
+    @property
+    def image_hashes(self) -> list[str]:
+        """Content hash per media item, for prefix caches that must not confuse two images."""
+        return [m.sha256 for m in self.media]
+
+
+def _content_items(messages: Messages, index: int) -> Messages:
+    """Validate a conversation and return it in normal form: no None-valued keys, list content
+    (a string becomes one text item), OpenAI image_url blocks as image blocks."""
+    if not isinstance(messages, list) or not messages:
+        raise ProcessorError(f"conversation {index} must be a non-empty list of messages, got {type(messages).__name__}")
+    normal = []
+    for m, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ProcessorError(f"conversation {index}, message {m}: expected a dict with a 'role', got {message!r:.80}")
+        message = {k: v for k, v in message.items() if v is not None}
+        content = message.get("content", [])
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ProcessorError(f"conversation {index}, message {m}: content must be a string or a list")
+        items = []
+        for c, item in enumerate(content):
+            where = f"conversation {index}, message {m}, item {c}"
+            if not isinstance(item, dict) or "type" not in item:
+                raise ProcessorError(f"{where}: expected a dict with a 'type', got {item!r:.80}")
+            if item["type"] == "image_url":  # OpenAI form {"type": "image_url", "image_url": {"url": ...}}
+                url = item.get("image_url")
+                item = {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
+            kind = item["type"]
+            if kind == "text" and not isinstance(item.get("text"), str):
+                raise ProcessorError(f"{where}: text item needs a string 'text'")
+            if kind == "video" and not any(k in item for k in ("video", "url", "path")):
+                raise ProcessorError(f"{where}: video item needs a 'path' (or 'video' / 'url')")
+            if kind not in ("text", "image", "video"):
+                raise ProcessorError(f"{where}: unknown content type {kind!r} (text, image, video)")
+            items.append(item)
+        message["content"] = items
+        normal.append(message)
+    return normal
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig, video_backend: str = "auto"):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.video_backend = video_backend
+        self.image_token_id = tokenizer.token_to_id(config.tokens.image)
+        # Fail at load time, not mid-batch, if the tokenizer lacks the expansion's tokens.
+        for token in (config.tokens.fake_image, config.tokens.global_image):
+            tokenizer.token_to_id(token)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        context_length: int | None = None,
+        revision: str | None = None,
+        video_backend: str = "auto",
+    ) -> Processor:
+        """Load from a checkpoint directory, or from a hub repo id (processor files only, cached by
+        huggingface_hub). `context_length` overrides config.json's text_config.max_position_embeddings."""
+        directory = Path(path_or_repo_id)
+        if not directory.is_dir():
+            directory = _download(str(path_or_repo_id), revision)
+        config = load_processor_config(directory, context_length=context_length)
+        return cls(Tokenizer.from_directory(directory), config, video_backend=video_backend)
+
+    # -----------------------------------------------------------------------------------------
+    # One conversation
+    # -----------------------------------------------------------------------------------------
+
+    def render(self, messages: Messages, add_generation_prompt: bool = True, index: int = 0) -> str:
+        """The chat-template text, placeholders not yet expanded (transformers' apply_chat_template
+        with tokenize=False)."""
+        messages = _content_items(messages, index)
+        has_video = any(item["type"] == "video" for m in messages for item in m["content"])
+        template = chat_template.VIDEO_CHAT_TEMPLATE if has_video else self.config.chat_template
+        return chat_template.render(
+            template, messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
+        )
+
+    def prepare(
+        self,
+        messages: Messages,
+        add_generation_prompt: bool = True,
+        *,
+        do_image_splitting: bool | None = None,
+        image_longest_edge: int | None = None,
+        video_fps: float | None = None,
+        video_max_frames: int | None = None,
+        index: int = 0,
+    ) -> ProcessedConversation:
+        """Everything for one conversation; the keyword overrides apply to this call only."""
+        config = self.config.with_overrides(do_image_splitting, image_longest_edge, video_fps, video_max_frames)
+        tokens = config.tokens
+        messages = _content_items(messages, index)
+        text = self.render(messages, add_generation_prompt, index)
+        media_items = [item for m in messages for item in m["content"] if item["type"] in ("image", "video")]
+
+        n_images = sum(item["type"] == "image" for item in media_items)
+        n_videos = len(media_items) - n_images
+        if text.count(tokens.image) != n_images or text.count(tokens.video) != n_videos:
+            raise ProcessorError(
+                f"conversation {index}: the prompt has {text.count(tokens.image)} {tokens.image} and "
+                f"{text.count(tokens.video)} {tokens.video} placeholders but the messages hold {n_images} "
+                f"images and {n_videos} videos (is there a literal {tokens.image} in a text item?)"
+            )
+
+        image_texts, video_texts, tiles, media = [], [], [], []
+        for item in media_items:
+            if item["type"] == "image":
+                split = split_image(load_image(item), config.image)
+                s = config.image
+                lut = image_lut(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
+                image_texts.append(image_prompt(split.rows, split.cols, config.image_seq_len, tokens))
+                media.append(MediaItem("image", tiles_sha256(split.tiles, lut), len(split.tiles), split.rows, split.cols))
+                tiles.append(normalize_tiles(split.tiles, lut))
+            else:
+                if config.video is None:
+                    raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
+                source = next(item[k] for k in ("video", "path", "url") if k in item)
+                clip = load_video(source, config.video, backend=self.video_backend)
+                frames = resize_frames(clip.frames, config.video)  # (T, 3, S, S) uint8
+                v = config.video
+                lut = video_lut(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
+                stamps = timestamp_texts(clip)
+                video_texts.append(video_prompt(stamps, duration_text(clip), config.image_seq_len, tokens))
+                media.append(MediaItem("video", tiles_sha256(frames, lut), len(frames), timestamps=stamps))
+                tiles.append(normalize_tiles(frames, lut))
+
+        prompt = expand_placeholders(text, tokens, iter(image_texts), iter(video_texts))
+        # transformers: no special tokens added when the prompt already starts with the BOS token
+        bos = self.tokenizer.bos_token
+        input_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+        self._check_tokens(input_ids, media, config, index)
+        pixel_values = np.concatenate(tiles) if tiles else None
+        return ProcessedConversation(input_ids=input_ids, prompt=prompt, pixel_values=pixel_values, media=media)
+
+    def _check_tokens(self, input_ids: list[int], media: list[MediaItem], config: ProcessorConfig, index: int) -> None:
+        if config.context_length is not None and len(input_ids) > config.context_length:
+            raise ProcessorError(
+                f"conversation {index}: the prompt is {len(input_ids)} tokens, longer than the model's context "
+                f"of {config.context_length} (use fewer or smaller images: do_image_splitting=False, "
+                "image_longest_edge, video_max_frames)"
+            )
+        expected = sum(m.num_tiles for m in media) * config.image_seq_len
+        found = input_ids.count(self.image_token_id)
+        if found != expected:  # a user text holding image markers, or a tokenizer that splits <image>
+            raise ProcessorError(
+                f"conversation {index}: {found} {config.tokens.image} tokens in input_ids but the "
+                f"{len(media)} media items need {expected}"
+            )
+
+    # -----------------------------------------------------------------------------------------
+    # Batches
+    # -----------------------------------------------------------------------------------------
+
+    def prepare_batch(self, conversations: list[Messages], add_generation_prompt: bool = True, **overrides) -> list[ProcessedConversation]:
+        return [
+            self.prepare(c, add_generation_prompt, index=i, **overrides) for i, c in enumerate(conversations)
+        ]
+
+    def collate(self, items: list[ProcessedConversation], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Pad conversations into one batch: input_ids / attention_mask (B, T) int64, and when any
+        conversation has media, pixel_values (B, N, 3, H, W) float32 and pixel_attention_mask (B, N, H, W) int64."""
+        if padding_side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        length = max(len(item.input_ids) for item in items)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None and any(len(item.input_ids) != length for item in items):
+            raise ProcessorError("the tokenizer has no pad_token, so conversations of different lengths cannot be batched")
+        input_ids = torch.full((len(items), length), pad_id or 0, dtype=torch.int64)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.int64)
+        for b, item in enumerate(items):
+            n = len(item.input_ids)
+            span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[b, span] = torch.tensor(item.input_ids, dtype=torch.int64)
+            attention_mask[b, span] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+        if any(item.pixel_values is not None for item in items):
+            only_videos = all(m.kind == "video" for item in items for m in item.media)
+            per_conversation = [[item.pixel_values] if item.pixel_values is not None else [] for item in items]
+            batch["pixel_values"], batch["pixel_attention_mask"] = pad_batch(
+                per_conversation, padding_tile_mask=1 if only_videos else 0
+            )
+        return batch
+
+    def __call__(
+        self,
+        messages: Messages | list[Messages],
+        add_generation_prompt: bool = True,
+        padding_side: str = "left",
+        **overrides: Any,
+    ) -> dict[str, torch.Tensor]:
+        """One conversation (a list of messages) or a batch (a list of conversations) -> tensors.
+        Overrides: do_image_splitting, image_longest_edge, video_fps, video_max_frames."""
+        if isinstance(messages, list) and messages and isinstance(messages[0], list):
+            conversations = messages
+        else:
+            conversations = [messages]
+        items = self.prepare_batch(conversations, add_generation_prompt, **overrides)
+        return self.collate(items, padding_side=padding_side)
+
+    def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.flatten().tolist()
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The processor files of a hub repo, through huggingface_hub's cache (weights are not fetched)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=PROCESSOR_FILES))
+    except Exception as e:  # offline, unknown repo, bad id: huggingface_hub raises many types
+        raise ProcessorError(
+            f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Offline? Pass the path of a downloaded checkpoint instead."
+        ) from e

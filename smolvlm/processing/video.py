@@ -1,0 +1,201 @@
+"""Videos: decode, choose frames, resize them to square tiles.
+
+Reference: transformers' `SmolVLMVideoProcessor` (models/smolvlm/video_processing_smolvlm.py:
+`sample_frames`, `resize`) and `read_video_decord` (video_utils.py) for the metadata.
+
+Frame choice (REFERENCE.md section 5): n = max(1, min(round(fps * duration), max_frames)) indices
+`unique(linspace(start, end, n, dtype=int))`; start/end skip `skip_secs` at both ends only when
+duration - 2 * skip_secs > max_frames * fps. duration = total_frames / source_fps.
+
+Resize: transformers resizes frames with torchvision, which calls
+`torch.nn.functional.interpolate(uint8, mode="lanczos", antialias=True)` on CPU. That kernel is in
+torch itself, so we call it directly: the frames are bit-identical to transformers' and torchvision
+is not needed. (It differs from Pillow's LANCZOS by up to 2 grey levels, so images and frames must
+not share one resize function.) Two resizes, as in transformers: first to the configured size
+(longest edge, aspect kept, even short side), then to frame_size x frame_size.
+
+Decoders: decord when importable (what transformers' decord backend uses), else PyAV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smolvlm.processing.config import MAX_IMAGE_SIZE, VideoSettings
+from smolvlm.processing.errors import ProcessorError
+
+# PIL resample codes -> torch interpolate modes (transformers: pil_torch_interpolation_mapping)
+TORCH_RESIZE_MODES = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+@dataclass
+class VideoClip:
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, the sampled frames only
+    frame_indices: list[int]  # index in the source of each sampled frame
+    source_fps: float
+    total_frames: int
+
+    @property
+    def duration(self) -> float:
+        return self.total_frames / self.source_fps if self.source_fps else 0.0
+
+    @property
+    def timestamps(self) -> list[float]:
+        return [i / self.source_fps for i in self.frame_indices]
+
+
+def sample_frame_indices(
+    total_frames: int, source_fps: float, fps: float, max_frames: int, skip_secs: float = 1.0
+) -> list[int]:
+    """`SmolVLMVideoProcessor.sample_frames`."""
+    duration = total_frames / source_fps if source_fps else 0.0
+    wanted = max(1, min(int(round(fps * duration)), max_frames))
+    start, end = 0, total_frames - 1
+    if skip_secs > 0 and (duration - 2 * skip_secs) > (max_frames * fps):
+        start = int(skip_secs * source_fps)
+        end = int(total_frames - skip_secs * source_fps)
+    start, end = max(0, start), min(end, total_frames - 1)
+    if start >= end:
+        start, end = 0, total_frames - 1
+    return [int(i) for i in np.unique(np.linspace(start, end, wanted, dtype=int))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_decord(path: str, settings: VideoSettings) -> VideoClip:
+    import decord
+
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    except Exception as e:  # decord raises DECORDError (a RuntimeError subclass) or bare errors
+        raise ProcessorError(f"cannot read video {path}: {e}") from e
+    total, source_fps = len(reader), float(reader.get_avg_fps())
+    if total == 0 or not source_fps:
+        raise ProcessorError(f"video {path} has no frames (frames={total}, fps={source_fps})")
+    indices = sample_frame_indices(total, source_fps, settings.fps, settings.max_frames, settings.skip_secs)
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+    except Exception as e:
+        raise ProcessorError(f"cannot decode frames {indices[:4]}... of video {path}: {e}") from e
+    return VideoClip(frames=frames, frame_indices=indices, source_fps=source_fps, total_frames=total)
+
+
+def _decode_pyav(path: str, settings: VideoSettings) -> VideoClip:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ProcessorError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate or 0)
+            total = stream.frames or sum(1 for _ in container.demux(stream) if _.size)  # header count, else packets
+        if total == 0 or not source_fps:
+            raise ProcessorError(f"video {path} has no frames (frames={total}, fps={source_fps})")
+        indices = sample_frame_indices(total, source_fps, settings.fps, settings.max_frames, settings.skip_secs)
+        wanted, frames = set(indices), {}
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+    except ProcessorError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise ProcessorError(f"cannot read video {path}: {e}") from e
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise ProcessorError(f"video {path} ended before frames {missing[:4]} (header said {total} frames)")
+    return VideoClip(np.stack([frames[i] for i in indices]), indices, source_fps, total)
+
+
+def load_video(path: str | Path, settings: VideoSettings, backend: str = "auto") -> VideoClip:
+    """Decode the frames `settings` asks for. backend: "decord", "pyav" or "auto" (decord if installed)."""
+    if settings.fps is None or settings.max_frames is None:
+        raise ProcessorError("this checkpoint has no video_sampling.fps / max_frames; pass video_fps and video_max_frames")
+    path = Path(path)
+    if not path.is_file():
+        raise ProcessorError(f"video file not found: {path}")
+    if backend == "auto":
+        backend = "decord" if _decord_available() else "pyav"
+    if backend == "decord":
+        return _decode_decord(str(path), settings)
+    if backend == "pyav":
+        return _decode_pyav(str(path), settings)
+    raise ProcessorError(f"unknown video backend {backend!r} (decord, pyav or auto)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing
+# ---------------------------------------------------------------------------------------------
+
+
+def first_resize_size(height: int, width: int, resize: tuple) -> tuple[int, int]:
+    """video_processing_smolvlm.get_resize_output_image_size (longest edge, even short side)."""
+    if resize[0] == "height_width":
+        return resize[1], resize[2]
+    longest = min(MAX_IMAGE_SIZE, resize[1])
+    aspect_ratio = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect_ratio)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect_ratio)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
+def _resize_frames(frames: torch.Tensor, height: int, width: int, resample: int) -> torch.Tensor:
+    """(T, 3, h, w) uint8 -> (T, 3, height, width) uint8, torchvision's `resize_image` on CPU."""
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    mode = TORCH_RESIZE_MODES.get(resample)
+    if mode is None:
+        raise ProcessorError(f"video resample filter {resample} is not supported (1 LANCZOS, 2 BILINEAR, 3 BICUBIC)")
+    try:
+        return torch.nn.functional.interpolate(frames, (height, width), mode=mode, antialias=True, align_corners=False)
+    except (NotImplementedError, ValueError, RuntimeError):
+        # Older torch has no uint8 lanczos: Pillow's LANCZOS is within 2 grey levels of it.
+        from PIL import Image
+
+        resized = [
+            np.asarray(Image.fromarray(f.permute(1, 2, 0).numpy()).resize((width, height), resample=resample))
+            for f in frames
+        ]
+        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
+
+
+def resize_frames(frames: np.ndarray, settings: VideoSettings) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, frame_size, frame_size) uint8."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+    height, width = first_resize_size(video.shape[2], video.shape[3], settings.resize)
+    video = _resize_frames(video, height, width, settings.resample)
+    video = _resize_frames(video, settings.frame_size, settings.frame_size, settings.resample)
+    return video.numpy()
+
+
+def duration_text(clip: VideoClip) -> str:
+    """H:MM:SS of the whole source video, as transformers prints it."""
+    return str(timedelta(seconds=int(clip.duration)))
+
+
+def timestamp_texts(clip: VideoClip) -> list[str]:
+    """MM:SS of each sampled frame."""
+    return [f"{int(t // 60):02d}:{int(t % 60):02d}" for t in clip.timestamps]
