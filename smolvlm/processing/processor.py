@@ -34,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from smolvlm.processing import chat_template
 from smolvlm.processing.config import ProcessorConfig, load_processor_config
 from smolvlm.processing.errors import ProcessorError
 from smolvlm.processing.image import load_image, split_image
-from smolvlm.processing.pixels import image_lut, normalize_tiles, pad_batch, tiles_sha256, video_lut
+from smolvlm.processing.pixels import image_normalization, pad_batch, tiles_sha256, video_normalization
 from smolvlm.processing.prompt import expand_placeholders, image_prompt, video_prompt
 from smolvlm.processing.tokenizer import Tokenizer
 from smolvlm.processing.video import duration_text, load_video, resize_frames, timestamp_texts
@@ -77,7 +76,7 @@ class MediaItem:
 class ProcessedConversation:
     input_ids: list[int]
     prompt: str  # the expanded prompt text that was tokenized
-    pixel_values: np.ndarray | None  # (N, 3, H, W) float32, all items' tiles in prompt order
+    pixel_values: torch.Tensor | None  # (N, 3, H, W) float32, all items' tiles in prompt order
     media: list[MediaItem]
 
     @property
@@ -194,10 +193,11 @@ class Processor:
             if item["type"] == "image":
                 split = split_image(load_image(item), config.image)
                 s = config.image
-                lut = image_lut(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
+                norm = image_normalization(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
+                uint8_tiles = torch.from_numpy(split.tiles)  # (N, 3, tile, tile)
                 image_texts.append(image_prompt(split.rows, split.cols, config.image_seq_len, tokens))
-                media.append(MediaItem("image", tiles_sha256(split.tiles, lut), len(split.tiles), split.rows, split.cols))
-                tiles.append(normalize_tiles(split.tiles, lut))
+                media.append(MediaItem("image", tiles_sha256(uint8_tiles, norm), len(uint8_tiles), split.rows, split.cols))
+                tiles.append(norm.apply(uint8_tiles))
             else:
                 if config.video is None:
                     raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
@@ -205,18 +205,20 @@ class Processor:
                 clip = load_video(source, config.video, backend=self.video_backend)
                 frames = resize_frames(clip.frames, config.video)  # (T, 3, S, S) uint8
                 v = config.video
-                lut = video_lut(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
+                norm = video_normalization(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
                 stamps = timestamp_texts(clip)
                 video_texts.append(video_prompt(stamps, duration_text(clip), config.image_seq_len, tokens))
-                media.append(MediaItem("video", tiles_sha256(frames, lut), len(frames), timestamps=stamps))
-                tiles.append(normalize_tiles(frames, lut))
+                media.append(MediaItem("video", tiles_sha256(frames, norm), len(frames), timestamps=stamps))
+                tiles.append(norm.apply(frames))
 
         prompt = expand_placeholders(text, tokens, iter(image_texts), iter(video_texts))
         # transformers: no special tokens added when the prompt already starts with the BOS token
         bos = self.tokenizer.bos_token
         input_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
         self._check_tokens(input_ids, media, config, index)
-        pixel_values = np.concatenate(tiles) if tiles else None
+        if len({t.shape[2:] for t in tiles}) > 1:
+            raise ProcessorError(f"conversation {index}: image tiles and video frames have different sizes")
+        pixel_values = (tiles[0] if len(tiles) == 1 else torch.cat(tiles)) if tiles else None
         return ProcessedConversation(input_ids=input_ids, prompt=prompt, pixel_values=pixel_values, media=media)
 
     def _check_tokens(self, input_ids: list[int], media: list[MediaItem], config: ProcessorConfig, index: int) -> None:
@@ -263,9 +265,8 @@ class Processor:
 
         if any(item.pixel_values is not None for item in items):
             only_videos = all(m.kind == "video" for item in items for m in item.media)
-            per_conversation = [[item.pixel_values] if item.pixel_values is not None else [] for item in items]
             batch["pixel_values"], batch["pixel_attention_mask"] = pad_batch(
-                per_conversation, padding_tile_mask=1 if only_videos else 0
+                [item.pixel_values for item in items], padding_tile_mask=1 if only_videos else 0
             )
         return batch
 

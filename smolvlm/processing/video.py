@@ -182,13 +182,12 @@ def _resize_frames(frames: torch.Tensor, height: int, width: int, resample: int)
         return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
 
 
-def resize_frames(frames: np.ndarray, settings: VideoSettings) -> np.ndarray:
+def resize_frames(frames: np.ndarray, settings: VideoSettings) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, frame_size, frame_size) uint8."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
     height, width = first_resize_size(video.shape[2], video.shape[3], settings.resize)
     video = _resize_frames(video, height, width, settings.resample)
-    video = _resize_frames(video, settings.frame_size, settings.frame_size, settings.resample)
-    return video.numpy()
+    return _resize_frames(video, settings.frame_size, settings.frame_size, settings.resample)
 
 
 def duration_text(clip: VideoClip) -> str:
