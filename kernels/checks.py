@@ -99,8 +99,10 @@ def check_gqa(num_query_heads: int, num_kv_heads: int) -> None:
 
 
 def check_scale(scale: float) -> None:
-    if not isinstance(scale, (float, int)) or not scale > 0:
-        raise TypeError(f"scale must be a positive float, got {scale!r}")
+    if not isinstance(scale, (float, int)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
