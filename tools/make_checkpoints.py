@@ -242,7 +242,114 @@ def generation_config() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Model configs (REFERENCE.md section 1), written in the hub's layout
+# ---------------------------------------------------------------------------------------------
+
+
+def smolvlm_config(text: dict, vision: dict, scale_factor: int) -> dict:
+    """config.json as the hub stores it. transformers' SmolVLMVisionConfig defaults (hidden 1152, 224 px,
+    patch 32) are NOT SmolVLM2's, so every vision field is written out."""
+    return {
+        "architectures": ["SmolVLMForConditionalGeneration"],
+        "model_type": "smolvlm",
+        "image_token_id": IMAGE_TOKEN_ID,
+        "scale_factor": scale_factor,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vocab_size": VOCAB_SIZE,
+        "pad_token_id": 2,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": VOCAB_SIZE,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "max_position_embeddings": 8192,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            **text,
+        },
+        "vision_config": {
+            "model_type": "smolvlm_vision",
+            "num_channels": 3,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            **vision,
+        },
+    }
+
+
+TINY_CONFIG = smolvlm_config(
+    text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 16},
+    vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 64, "patch_size": 8},  # 8x8 = 64 patches per tile, 16 tokens after the 2x2 shuffle
+    scale_factor=2,
+)
+
+# SmolVLM2-256M: a SigLIP-B/16 at 512 px (1024 patches, 64 tokens after the 4x4 shuffle) + SmolLM2-135M.
+REAL_CONFIG = smolvlm_config(
+    text={"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+          "num_key_value_heads": 3, "head_dim": 64},
+    vision={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "image_size": 512, "patch_size": 16},
+    scale_factor=4,
+)
+REAL_PARAMETER_COUNT = 256_484_928  # = 1,025,939,712 bytes in float32: the published model.safetensors
+
+
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor transformers' SmolVLMForConditionalGeneration saves for `config`.
+
+    The model is built on the meta device (no memory, no init); its state_dict keys are what save_pretrained
+    writes for SmolVLM in transformers 5.24 (tests/test_checkpoints.py checks that against a real save).
+    """
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    with torch.device("meta"):
+        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**config))
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Seeded float32 weights whose activations stay O(1) through the network, so parity tests see real signal.
+
+    transformers' own init (normal std 0.02, norms 1, biases 0) makes attention nearly uniform and leaves
+    norm weights and biases untested. Here instead: matrices N(0, 1/fan_in), embedding tables N(0, 1),
+    norm weights 1 + N(0, 0.1^2), every bias N(0, 0.1^2).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in shapes.items():
+        values = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if name.endswith(".bias"):
+            values.mul_(0.1)
+        elif len(shape) == 1:  # RMSNorm / LayerNorm weights
+            values.mul_(0.1).add_(1.0)
+        elif name.endswith(("embed_tokens.weight", "position_embedding.weight")):
+            pass
+        else:  # Linear [out, in] and Conv2d [out, in, kh, kw]: fan_in = everything but dim 0
+            values.mul_(1.0 / float(torch.tensor(shape[1:]).prod()) ** 0.5)
+        weights[name] = values
+    return weights
+
+
+def save_model(out: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors (one float32 file, safetensors metadata as save_pretrained writes)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The three checkpoint kinds
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,7 +357,104 @@ def build_tokenizer(out: Path) -> None:
     write_processor_files(out, REAL_PROCESSOR)
 
 
-BUILDERS = {"tokenizer": build_tokenizer}
+def build_tiny(out: Path) -> None:
+    save_model(out, TINY_CONFIG, random_weights(parameter_shapes(TINY_CONFIG), seed=0))
+    write_processor_files(out, TINY_PROCESSOR)
+
+
+def build_real(out: Path) -> None:
+    shapes = parameter_shapes(REAL_CONFIG)
+    count = sum(int(torch.tensor(shape).prod()) for shape in shapes.values())
+    if count != REAL_PARAMETER_COUNT:
+        raise ValueError(f"256M config has {count:,} parameters, expected {REAL_PARAMETER_COUNT:,}")
+    save_model(out, REAL_CONFIG, random_weights(shapes, seed=1))
+    write_processor_files(out, REAL_PROCESSOR)
+
+
+def load_smollm2_text_weights() -> tuple[dict[str, torch.Tensor], dict]:
+    """SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF by transformers: (state_dict, config dict).
+
+    transformers un-permutes llama.cpp's q/k row order and dequantizes (transformers/integrations/ggml.py,
+    modeling_gguf_pytorch_utils.py); the GGUF's embeddings are tied, so its state_dict has no separate lm_head.
+    """
+    from transformers import AutoModelForCausalLM
+
+    gguf_path = find_smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.state_dict(), model.config.to_dict()
+
+
+def check_gguf_config_matches(gguf_config: dict, text_config: dict) -> None:
+    """The GGUF decoder must have exactly the 256M text shape; fail loudly naming the field otherwise."""
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "hidden_act"):
+        if gguf_config[field] != text_config[field]:
+            raise ValueError(f"GGUF {field} = {gguf_config[field]!r}, SmolVLM2-256M has {text_config[field]!r}")
+    if gguf_config["vocab_size"] != BASE_VOCAB_SIZE:
+        raise ValueError(f"GGUF vocab_size = {gguf_config['vocab_size']}, expected {BASE_VOCAB_SIZE}")
+    rope_theta = gguf_config["rope_parameters"]["rope_theta"]
+    if rope_theta != text_config["rope_theta"]:
+        raise ValueError(f"GGUF rope_theta = {rope_theta}, config.json says {text_config['rope_theta']}")
+    # The GGUF stores eps as float32 (9.9999997e-06): compare at float32 precision.
+    if abs(gguf_config["rms_norm_eps"] - text_config["rms_norm_eps"]) > 1e-12:
+        raise ValueError(f"GGUF rms_norm_eps = {gguf_config['rms_norm_eps']}, config.json says {text_config['rms_norm_eps']}")
+
+
+def graft_text_weights(weights: dict[str, torch.Tensor], smollm2: dict[str, torch.Tensor], seed: int) -> None:
+    """Put SmolLM2's decoder into the SmolVLM layout, in place.
+
+    `model.X` (LlamaForCausalLM) -> `model.text_model.X`. embed_tokens grows from 49152 to 49280 rows, the added
+    tokens getting small random rows. lm_head is a copy of the extended embeddings (SmolLM2 ties them), except
+    for one row: SmolLM2 ends a turn with `<|im_end|>` (id 2) but SmolVLM stops on `<end_of_utterance>` (49279),
+    which SmolLM2 never learnt. Its lm_head row is set to 1.1 x the `<|im_end|>` row, so its logit is 1.1 x that
+    of `<|im_end|>`: greedy decoding then stops on 49279 where SmolLM2 would stop (a positive, winning logit),
+    with no exact tie between the two ids. Measured: "What is the capital of France?" -> " The capital of
+    France is Paris.<end_of_utterance>".
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in smollm2.items():
+        if name == "lm_head.weight":  # tied to embed_tokens in the GGUF
+            continue
+        if not name.startswith("model."):
+            raise KeyError(f"unexpected tensor {name!r} in the GGUF state_dict")
+        target = "model.text_model." + name[len("model."):]
+        if target == "model.text_model.embed_tokens.weight":
+            extra = torch.randn(VOCAB_SIZE - BASE_VOCAB_SIZE, tensor.shape[1], generator=generator) * 0.02
+            tensor = torch.cat([tensor, extra], dim=0)  # (49280, 576)
+        if weights[target].shape != tensor.shape:
+            raise ValueError(f"{target}: GGUF shape {tuple(tensor.shape)} != SmolVLM shape {tuple(weights[target].shape)}")
+        weights[target] = tensor.to(torch.float32).contiguous()
+    grafted = {n for n in weights if n.startswith("model.text_model.")}
+    expected = {"model.text_model." + n[len("model."):] for n in smollm2 if n != "lm_head.weight"}
+    if grafted != expected:
+        raise KeyError(f"text weights not taken from the GGUF: {sorted(grafted - expected)[:5]}")
+    lm_head = weights["model.text_model.embed_tokens.weight"].clone()  # (49280, 576)
+    lm_head[END_OF_UTTERANCE_ID] = END_OF_UTTERANCE_LOGIT_SCALE * lm_head[2]
+    weights["lm_head.weight"] = lm_head
+
+
+END_OF_UTTERANCE_LOGIT_SCALE = 1.1  # grafted lm_head row 49279 = this x row 2 (<|im_end|>)
+
+
+def build_grafted(out: Path) -> None:
+    smollm2, gguf_config = load_smollm2_text_weights()
+    check_gguf_config_matches(gguf_config, REAL_CONFIG["text_config"])
+    shapes = parameter_shapes(REAL_CONFIG)
+    # Random weights only for what the GGUF does not provide (vision tower, connector).
+    vision_shapes = {n: s for n, s in shapes.items() if not n.startswith(("model.text_model.", "lm_head."))}
+    weights = random_weights(vision_shapes, seed=2)
+    weights.update({n: torch.empty(s, device="meta") for n, s in shapes.items() if n not in vision_shapes})
+    graft_text_weights(weights, smollm2, seed=3)
+    save_model(out, REAL_CONFIG, weights)
+    write_processor_files(out, REAL_PROCESSOR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+BUILDERS = {"tokenizer": build_tokenizer, "tiny": build_tiny, "real": build_real, "grafted": build_grafted}
 
 
 def build_atomically(kind: str, out: Path) -> Path:
@@ -261,6 +465,9 @@ def build_atomically(kind: str, out: Path) -> Path:
     try:
         BUILDERS[kind](tmp)
         (tmp / "BUILDER_VERSION").write_text(BUILDER_VERSION + "\n")
+        tmp.chmod(0o755)  # mkdtemp and safetensors create private modes: make the checkpoint readable by all
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
