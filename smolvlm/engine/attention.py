@@ -1,0 +1,175 @@
+"""Decoder attention over the paged KV cache: the metadata of one step, and two backends.
+
+The decoder (text.py) calls `attention(layer_idx, q, k, v)` with the step's tokens flattened:
+q (N, Hq, D), k/v (N, Hkv, D), already rotated. `PagedAttention` stores k/v into the cache slots of
+those tokens, then attends each new token over its sequence's whole context (cached prefix + new
+tokens, causal). The batch is ordered decodes first (one token each), then prefill chunks, so each
+half goes to the routine made for it.
+
+Backends (`attention_backend=`), same cache layout, swappable:
+  "torch"   plain PyTorch (SDPA) on any device; the reference the engine is tested with;
+  "triton"  the kernels of `smolvlm_kernels` (GPU, or CPU under TRITON_INTERPRET=1);
+  "auto"    triton on CUDA when it imports, torch elsewhere.
+Everything a backend needs arrives in `AttentionMetadata`; nothing is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from smolvlm.engine.kv_cache import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the step's tokens go and what they see. B sequences, N new tokens in all."""
+
+    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0 past each sequence's blocks
+    seq_lens: torch.Tensor  # (B,) int32: context length after this step (cached + new tokens)
+    cu_seqlens_q: torch.Tensor  # (B + 1,) int32: new tokens of sequence b are [cu[b], cu[b+1])
+    num_decodes: int  # sequences 0..num_decodes-1 have exactly one new token (tokens 0..num_decodes-1)
+    max_seqlen_q: int
+    max_seqlen_k: int
+    # Host copies, so the torch backend can slice without reading device tensors back.
+    query_lens: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class TorchBackend:
+    """Paged attention in plain PyTorch: gather each sequence's K/V through its block table, then SDPA."""
+
+    name = "torch"
+
+    def store_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        # key/value (N, Hkv, D) -> flat slots of [num_blocks * block_size, Hkv, D]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, metadata.slot_mapping, key.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, metadata.slot_mapping, value.to(v_cache.dtype))
+
+    def decode(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q (B, Hq, D), one token per sequence -> (B, Hq, D)."""
+        b = q.shape[0]
+        block_size = k_cache.shape[1]
+        num_blocks = (max(metadata.seq_lens_host[:b]) + block_size - 1) // block_size
+        table = metadata.block_tables[:b, :num_blocks].long()  # (B, M)
+        k = k_cache[table].flatten(1, 2)  # (B, M*bs, Hkv, D)
+        v = v_cache[table].flatten(1, 2)
+        key_pos = torch.arange(k.shape[1], device=q.device)
+        visible = key_pos[None, :] < metadata.seq_lens[:b, None]  # (B, M*bs)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # (B, Hq, 1, D)
+            k.transpose(1, 2),  # (B, Hkv, M*bs, D)
+            v.transpose(1, 2),
+            attn_mask=visible[:, None, None, :],  # (B, 1, 1, M*bs)
+            scale=scale,
+            enable_gqa=True,
+        )  # (B, Hq, 1, D)
+        return out[:, :, 0, :]
+
+    def prefill(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q (Np, Hq, D): the prefill chunks (sequences num_decodes..B-1) -> (Np, Hq, D)."""
+        out = torch.empty_like(q)
+        block_size = k_cache.shape[1]
+        start = 0
+        for b in range(metadata.num_decodes, metadata.num_seqs):
+            q_len, k_len = metadata.query_lens[b], metadata.seq_lens_host[b]
+            table = metadata.block_tables[b, : (k_len + block_size - 1) // block_size].long()
+            k = k_cache[table].flatten(0, 1)[:k_len]  # (Tk, Hkv, D)
+            v = v_cache[table].flatten(0, 1)[:k_len]
+            qb = q[start : start + q_len].transpose(0, 1)[None]  # (1, Hq, Tq, D)
+            kb, vb = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
+            if q_len == k_len:  # nothing cached before: plain causal
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+            else:  # causal, bottom-right aligned: query i sees keys j <= i + (Tk - Tq)
+                rows = torch.arange(q_len, device=q.device)[:, None]
+                cols = torch.arange(k_len, device=q.device)[None, :]
+                mask = cols <= rows + (k_len - q_len)  # (Tq, Tk)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start : start + q_len] = o[0].transpose(0, 1)  # (Tq, Hq, D)
+            start += q_len
+        return out
+
+
+class TritonBackend:
+    """The `smolvlm_kernels` launchers, same layout; imported lazily (triton is optional)."""
+
+    name = "triton"
+
+    def __init__(self):
+        import smolvlm_kernels
+
+        self.kernels = smolvlm_kernels
+
+    def store_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        self.kernels.store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+
+    def decode(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        b = q.shape[0]
+        return self.kernels.paged_decode_attention(
+            q, k_cache, v_cache, metadata.block_tables[:b], metadata.seq_lens[:b], scale=scale
+        )
+
+    def prefill(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        d = metadata.num_decodes
+        cu = metadata.cu_seqlens_q[d:] - d  # the prefill tokens start after the d decode tokens
+        return self.kernels.paged_prefill_attention(
+            q, k_cache, v_cache, metadata.block_tables[d:], cu, metadata.seq_lens[d:],
+            max(metadata.query_lens[d:]), scale=scale,
+        )
+
+
+def make_backend(name: str, device: torch.device) -> TorchBackend | TritonBackend:
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        try:
+            return TritonBackend()
+        except ImportError as e:
+            raise RuntimeError(
+                f"attention_backend='triton' needs triton and the smolvlm_kernels package ({e}); "
+                "use attention_backend='torch'"
+            ) from None
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                return TritonBackend()
+            except ImportError:
+                pass
+        return TorchBackend()
+    raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
+
+
+class PagedAttention:
+    """The attention function the decoder calls in one engine step (see text.AttentionFn)."""
+
+    def __init__(self, cache: KVCache, metadata: AttentionMetadata, backend, scale: float):
+        self.cache = cache
+        self.metadata = metadata
+        self.backend = backend
+        self.scale = scale
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q (N, Hq, D), k/v (N, Hkv, D)
+        k_cache, v_cache = self.cache.layer(layer_idx)
+        md = self.metadata
+        self.backend.store_kv(k, v, k_cache, v_cache, md)
+        d = md.num_decodes
+        if d == md.num_seqs:
+            return self.backend.decode(q, k_cache, v_cache, md, self.scale)
+        if d == 0:
+            return self.backend.prefill(q, k_cache, v_cache, md, self.scale)
+        return torch.cat(
+            [self.backend.decode(q[:d], k_cache, v_cache, md, self.scale),
+             self.backend.prefill(q[d:], k_cache, v_cache, md, self.scale)]
+        )
