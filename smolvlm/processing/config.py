@@ -233,6 +233,17 @@ def load_processor_config(directory: Path, context_length: int | None = None) ->
             "<image> tokens per tile (transformers' default of 169 is SmolVLM v1's)"
         )
 
+    tokens = SpecialTokens()
+    tok_path = directory / "tokenizer_config.json"
+    if tok_path.is_file():
+        # transformers' SmolVLMProcessor reads these names off the tokenizer (its extra_special_tokens)
+        extra = read_json(tok_path).get("extra_special_tokens")
+        if isinstance(extra, dict):
+            names = {"image_token": "image", "video_token": "video", "fake_image_token": "fake_image",
+                     "global_image_token": "global_image", "end_of_utterance_token": "end_of_utterance"}
+            found = {field: extra[key] for key, field in names.items() if isinstance(extra.get(key), str)}
+            tokens = replace(tokens, **found)
+
     if context_length is None:
         config_path = directory / "config.json"
         if config_path.is_file():
@@ -246,4 +257,5 @@ def load_processor_config(directory: Path, context_length: int | None = None) ->
         image_seq_len=int(proc["image_seq_len"]),
         chat_template=find_chat_template(directory, proc),
         context_length=context_length,
+        tokens=tokens,
     )

@@ -192,7 +192,7 @@ def _resize(image: Image.Image, height: int, width: int, resample: int) -> Image
 
 
 def _chw(image: Image.Image) -> np.ndarray:
-    return np.asarray(image).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return np.array(image).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a writable copy
 
 
 def split_image(image: Image.Image, settings: ImageSettings) -> ImageTiles:
