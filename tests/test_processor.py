@@ -405,7 +405,8 @@ def test_pyav_fallback_matches_decord(videos, tiny_processor_dir):
         b = load_video(videos[name], settings, backend="pyav")
         assert a.frame_indices == b.frame_indices and a.total_frames == b.total_frames and a.source_fps == b.source_fps
         diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
-        assert diff.mean() < 2.0 and diff.max() <= 64, f"{name}: decord vs PyAV frames differ, mean {diff.mean()}, max {diff.max()}"
+        # measured on these MPEG-4 clips: mean 0.0 / 6e-5, max 0 / 2 grey levels (colour conversion rounding)
+        assert diff.mean() < 0.05 and diff.max() <= 8, f"{name}: decord vs PyAV frames differ, mean {diff.mean()}, max {diff.max()}"
 
 
 def test_images_and_video_in_one_conversation_keep_prompt_order(photos, videos, tiny_proc):
