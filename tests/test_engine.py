@@ -1,0 +1,363 @@
+"""The engine end to end on the tiny checkpoint: greedy parity with transformers' `generate`, batching,
+preemption, prefix caching, failures, sampling, stop strings, streaming.
+
+The reference is transformers' model + `generate` (pinned 5.24.0) fed with our processor's tensors;
+that the processor's tensors equal transformers' processor's is tested in test_processor.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from smolvlm.engine import Engine, PromptInputs, SamplingParams
+from smolvlm.engine.detokenizer import IncrementalDetokenizer
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 48
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media(photos, short_video, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-media")
+    paths = {}
+    for name in ("astronaut", "coffee", "chelsea", "small"):
+        paths[name] = directory / f"{name}.png"
+        photos[name].convert("RGB").save(paths[name])
+    paths["video"] = short_video
+    corrupt = directory / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    paths["corrupt"] = corrupt
+    return paths
+
+
+def user(*items):
+    content = []
+    for item in items:
+        if isinstance(item, tuple):
+            content.append({"type": item[0], "path": str(item[1])})
+        else:
+            content.append({"type": "text", "text": item})
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def conversations(media):
+    return {
+        "text": user("Write a long story about a cat and a dog."),
+        "image": user(("image", media["astronaut"]), "What is in this picture?"),
+        "multi_image": user(("image", media["coffee"]), "Compare these two images.", ("image", media["chelsea"])),
+        "video": user(("video", media["video"]), "What happens in this video?"),
+        "small_image": user(("image", media["small"]), "Hi"),
+    }
+
+
+def make_engine(ckpt, **options):
+    options.setdefault("attention_backend", "torch")
+    options.setdefault("num_kv_blocks", 512)
+    return Engine.from_pretrained(ckpt, **options)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_ckpt):
+    from transformers import SmolVLMForConditionalGeneration
+
+    return SmolVLMForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+
+
+def hf_generate(hf_model, engine, conversation, max_new_tokens=NEW_TOKENS, **kwargs):
+    """transformers' greedy generate on the same tensors (one conversation, no padding)."""
+    batch = engine.processor(conversation)
+    with torch.inference_mode():
+        out = hf_model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(engine.stop_token_ids),
+            pad_token_id=2, **kwargs,
+        )
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def first_difference(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"first difference at new token {i}: {x} vs {y} (lengths {len(a)}, {len(b)})"
+    return f"lengths differ: {len(a)} vs {len(b)}"
+
+
+def assert_pool_empty(engine):
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks, f"{manager.num_used_blocks} blocks still held"
+    assert all(b.ref_count == 0 for b in manager.blocks)
+    assert not engine.requests and not engine.has_unfinished()
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy parity with transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers_text_images_video(tiny_ckpt, hf_model, conversations):
+    engine = make_engine(tiny_ckpt)
+    names = ["text", "image", "multi_image", "video"]
+    results = engine.generate([conversations[n] for n in names], SamplingParams(max_new_tokens=NEW_TOKENS))
+    for name, result in zip(names, results):
+        assert result.error is None, f"{name}: {result.error}"
+        expected = hf_generate(hf_model, engine, conversations[name])
+        assert len(expected) == NEW_TOKENS, f"{name}: the reference stopped early, the test would prove less"
+        assert result.token_ids == expected, f"{name}: {first_difference(result.token_ids, expected)}"
+        assert result.text == engine.processor.decode(expected, skip_special_tokens=True)
+    assert_pool_empty(engine)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(tiny_ckpt, hf_model, conversations):
+    engine = make_engine(tiny_ckpt)
+    conv = conversations["image"]
+    [result] = engine.generate([conv], SamplingParams(max_new_tokens=24, repetition_penalty=1.5))
+    expected = hf_generate(hf_model, engine, conv, max_new_tokens=24, repetition_penalty=1.5)
+    assert result.token_ids == expected, first_difference(result.token_ids, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching, preemption, chunked prefill
+# ---------------------------------------------------------------------------------------------
+
+
+MIXED = ["text", "image", "multi_image", "video", "small_image", "text"]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_ckpt, conversations):
+    """Each conversation generated alone, prefix cache off: the reference for the batched runs."""
+    engine = make_engine(tiny_ckpt, enable_prefix_caching=False)
+    params = SamplingParams(max_new_tokens=20)
+    return {name: engine.generate([conversations[name]], params)[0].token_ids for name in set(MIXED)}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="roomy"),
+        # 40 blocks of 16 tokens: the multi-image prompt alone takes 28, so sequences must be preempted
+        # and recomputed; 128 tokens per step forces prompts to be prefilled in chunks.
+        pytest.param({"num_kv_blocks": 40, "max_num_batched_tokens": 128}, id="preempting-chunked"),
+    ],
+)
+def test_mixed_batch_equals_each_alone(tiny_ckpt, conversations, alone, options):
+    engine = make_engine(tiny_ckpt, **options)
+    results = engine.generate([conversations[n] for n in MIXED], SamplingParams(max_new_tokens=20))
+    for name, result in zip(MIXED, results):
+        assert result.error is None, f"{name}: {result.error}"
+        assert result.token_ids == alone[name], f"{name}: {first_difference(result.token_ids, alone[name])}"
+    if "num_kv_blocks" in options:
+        assert engine.stats.preemptions > 0, "the pool was meant to be too small for the batch"
+    assert_pool_empty(engine)
+
+
+def test_requests_join_while_others_decode(tiny_ckpt, conversations, alone):
+    engine = make_engine(tiny_ckpt)
+    params = SamplingParams(max_new_tokens=20)
+    first = engine.add_request(conversations["image"], params)
+    for _ in range(5):
+        engine.step()
+    late = engine.add_request(conversations["text"], params)
+    results = {}
+    joined = False
+    while engine.has_unfinished():
+        running = {s.seq_id for s in engine.scheduler.running}
+        joined |= {first, late} <= running
+        for out in engine.step():
+            if out.result is not None:
+                results[out.request_id] = out.result
+    assert joined, "the late request never ran alongside the first"
+    assert results[first].token_ids == alone["image"]
+    assert results[late].token_ids == alone["text"]
+    assert_pool_empty(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix caching
+# ---------------------------------------------------------------------------------------------
+
+
+def test_second_question_about_a_video_hits_the_cache(tiny_ckpt, media):
+    params = SamplingParams(max_new_tokens=12)
+    video = ("video", media["video"])
+    first = user(video, "What happens in this video?")
+    second = user(video, "What colour is the cup?")
+    engine = make_engine(tiny_ckpt)
+    start = time.perf_counter()
+    [a] = engine.generate([first], params)
+    first_time = time.perf_counter() - start
+    prefill_before, vision_before = engine.stats.prefill_tokens, engine.stats.vision_calls
+    start = time.perf_counter()
+    [b] = engine.generate([second], params)
+    second_time = time.perf_counter() - start
+    second_prefill = engine.stats.prefill_tokens - prefill_before
+
+    uncached = make_engine(tiny_ckpt, enable_prefix_caching=False)
+    [expected] = uncached.generate([second], params)
+    print(
+        f"\nvideo prompt {b.num_prompt_tokens} tokens: first ask {first_time * 1e3:.0f} ms, second ask "
+        f"{second_time * 1e3:.0f} ms, {b.num_cached_tokens} tokens from the cache, {second_prefill} prefilled"
+    )
+    assert b.token_ids == expected.token_ids, first_difference(b.token_ids, expected.token_ids)
+    assert b.num_cached_tokens >= b.num_prompt_tokens - 32, "the video's blocks were not reused"
+    assert second_prefill < b.num_prompt_tokens - b.num_cached_tokens + 1 + 16
+    assert engine.stats.vision_calls == vision_before, "the video went through the vision tower again"
+    assert second_time < first_time
+    assert_pool_empty(engine)
+
+
+def test_fully_cached_prompt(tiny_ckpt, conversations):
+    engine = make_engine(tiny_ckpt)
+    params = SamplingParams(max_new_tokens=10)
+    [a] = engine.generate([conversations["image"]], params)
+    [b] = engine.generate([conversations["image"]], params)
+    assert b.num_cached_tokens == (b.num_prompt_tokens - 1) // 16 * 16 > 0
+    assert b.token_ids == a.token_ids
+    assert_pool_empty(engine)
+
+
+def test_two_images_with_identical_text_never_share_kv(tiny_ckpt, media):
+    params = SamplingParams(max_new_tokens=16)
+    cat = user(("image", media["chelsea"]), "Describe it.")
+    coffee = user(("image", media["coffee"]), "Describe it.")
+    engine = make_engine(tiny_ckpt)
+    engine.generate([cat], params)
+    [b] = engine.generate([coffee], params)
+    [expected] = make_engine(tiny_ckpt, enable_prefix_caching=False).generate([coffee], params)
+    assert b.token_ids == expected.token_ids, first_difference(b.token_ids, expected.token_ids)
+    ids = engine.prepare(coffee).input_ids
+    first_image_token = ids.index(engine.image_token_id)
+    assert b.num_cached_tokens <= first_image_token, (
+        f"{b.num_cached_tokens} tokens reused though the image starts at {first_image_token}"
+    )
+
+
+def test_cached_image_features_with_a_different_prefix(tiny_ckpt, media):
+    """Same image, different text before it: no KV reuse past the text, but the features are reused."""
+    params = SamplingParams(max_new_tokens=8)
+    engine = make_engine(tiny_ckpt)
+    engine.generate([user("First:", ("image", media["astronaut"]))], params)
+    calls = engine.stats.vision_calls
+    [b] = engine.generate([user("Second one:", ("image", media["astronaut"]))], params)
+    assert engine.stats.vision_calls == calls
+    [expected] = make_engine(tiny_ckpt).generate([user("Second one:", ("image", media["astronaut"]))], params)
+    assert b.token_ids == expected.token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures stay with their request
+# ---------------------------------------------------------------------------------------------
+
+
+def test_failing_requests_fail_alone(tiny_ckpt, conversations, media, alone):
+    engine = make_engine(tiny_ckpt, max_model_len=200)
+    bad_image = user(("image", media["corrupt"]), "What is this?")
+    too_long = conversations["multi_image"]  # 400+ tokens > 200
+    missing = user(("image", media["corrupt"].with_name("does-not-exist.png")), "Hi")
+    batch = [bad_image, conversations["text"], too_long, missing]
+    results = engine.generate(batch, SamplingParams(max_new_tokens=20))
+    assert results[1].error is None and results[1].token_ids == alone["text"]
+    for i in (0, 2, 3):
+        assert results[i].finish_reason == "error" and results[i].error, f"conversation {i} should have failed"
+    assert "corrupt.png" in results[0].error
+    assert "context" in results[2].error
+    assert "does-not-exist.png" in results[3].error
+    assert_pool_empty(engine)
+
+
+def test_image_that_fails_in_the_vision_tower_fails_alone(tiny_ckpt, conversations, alone):
+    engine = make_engine(tiny_ckpt)
+    good = engine.prepare(conversations["image"])
+    broken = PromptInputs(list(good.input_ids), [type(good.images[0])(good.images[0].pixel_values[..., :7], "x")])
+    results = engine.generate([broken, conversations["text"]], SamplingParams(max_new_tokens=20))
+    assert results[0].finish_reason == "error" and "image features failed" in results[0].error
+    assert results[1].token_ids == alone["text"]
+    assert_pool_empty(engine)
+
+
+def test_prompt_larger_than_the_whole_pool_fails_alone(tiny_ckpt, conversations, alone):
+    engine = make_engine(tiny_ckpt, num_kv_blocks=8)  # 128 tokens
+    results = engine.generate([conversations["video"], conversations["text"]], SamplingParams(max_new_tokens=20))
+    assert results[0].finish_reason == "error" and "KV-cache blocks" in results[0].error
+    assert results[1].token_ids == alone["text"]
+    assert_pool_empty(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling, stop strings, streaming, detokenisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_ckpt, conversations):
+    engine = make_engine(tiny_ckpt)
+    p = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    [alone_result] = engine.generate([conversations["text"]], p)
+    batch = engine.generate([conversations["image"], conversations["text"]], [SamplingParams(max_new_tokens=5), p])
+    assert batch[1].token_ids == alone_result.token_ids
+    other = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))[0]
+    assert other.token_ids != alone_result.token_ids
+    greedy = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=16))[0]
+    top1 = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=16, temperature=0.7, top_k=1, seed=1))[0]
+    assert top1.token_ids == greedy.token_ids, "top_k=1 must be greedy"
+
+
+def test_sampler_filters_match_their_definitions():
+    from smolvlm.engine.sampler import apply_repetition_penalty, apply_top_k, apply_top_p
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    assert torch.equal(apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0), torch.tensor([1.0, -2.0, 0.5, 3.0, 1.0]))
+    top2 = apply_top_k(logits, 2)
+    assert torch.isfinite(top2).tolist() == [True, False, False, True, False]
+    probs = logits.softmax(-1)  # 3.0 -> 0.59, 2.0 -> 0.22, 1.0 -> 0.08
+    kept = torch.isfinite(apply_top_p(logits, 0.7)).tolist()
+    assert kept == [True, False, False, True, False], (kept, probs)
+    assert torch.isfinite(apply_top_p(logits, 0.01)).tolist() == [False, False, False, True, False]
+
+
+def test_stop_string_and_max_new_tokens(tiny_ckpt, conversations):
+    engine = make_engine(tiny_ckpt)
+    [full] = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=30))
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    cut = full.text[: full.text.index(stop)]
+    [stopped] = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=30, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and stopped.text == cut
+    assert len(stopped.token_ids) < 30
+    pieces = list(engine.stream(conversations["text"], SamplingParams(max_new_tokens=30, stop=(stop,))))
+    assert "".join(pieces) == cut
+    assert_pool_empty(engine)
+
+
+def test_stream_pieces_add_up_to_the_text(tiny_ckpt, conversations):
+    engine = make_engine(tiny_ckpt)
+    params = SamplingParams(max_new_tokens=24)
+    pieces = list(engine.stream(conversations["image"], params))
+    [result] = engine.generate([conversations["image"]], params)
+    assert len(pieces) > 1 and "".join(pieces) == result.text
+    # closing a stream early returns its blocks
+    stream = engine.stream(conversations["video"], params)
+    next(stream)
+    stream.close()
+    assert_pool_empty(engine)
+
+
+def test_incremental_detokenizer_never_splits_a_character(tiny_ckpt):
+    from smolvlm.processing import Processor
+
+    proc = Processor.from_pretrained(tiny_ckpt)
+    text = "Café 🙂 naïve — 日本語 ok 🇫🇷!"
+    ids = proc.tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(lambda t: proc.decode(t, skip_special_tokens=True))
+    pieces = [detok.add(i) for i in ids] + [detok.finish()]
+    assert all("\ufffd" not in p for p in pieces), pieces
+    assert "".join(pieces) == text
+    assert sum(1 for p in pieces if p) > 5  # it did stream, not hold everything back
