@@ -40,7 +40,10 @@ class Normalization:
     def _fast(self, tiles: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return tiles.to(torch.float32).div_(self.divisor).sub_(mean).div_(std)
+        x = tiles.to(torch.float32)
+        if self.divisor != 1.0:  # x / 1 is x: skip the pass (video frames fold the rescale into mean/std)
+            x = x.div_(self.divisor)
+        return x.sub_(mean).div_(std)
 
     def apply(self, tiles: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, H, W) float32, equal to the table."""
@@ -86,7 +89,7 @@ def tiles_sha256(tiles: torch.Tensor, normalization: Normalization) -> str:
     digest = hashlib.sha256()
     digest.update(str(tuple(tiles.shape)).encode())
     digest.update(normalization.table.tobytes())
-    digest.update(tiles.contiguous().numpy().tobytes())
+    digest.update(memoryview(tiles.contiguous().numpy()).cast("B"))  # no copy
     return digest.hexdigest()
 
 
