@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -116,6 +117,12 @@ class ProcessorShape:
 
 REAL_PROCESSOR = ProcessorShape(tile_size=512, resize_longest_edge=2048, video_frame_size=512, image_seq_len=64)
 TINY_PROCESSOR = ProcessorShape(tile_size=64, resize_longest_edge=256, video_frame_size=64, image_seq_len=16)
+
+
+@functools.cache
+def tokenizer_json_text() -> str:
+    """tokenizer.json's content, built once per process (parsing the GGUF's vocabulary takes seconds)."""
+    return build_tokenizer_json().to_str(pretty=True)
 
 
 def build_tokenizer_json():
@@ -215,11 +222,10 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_processor_files(out: Path, shape: ProcessorShape, tokenizer_json=None) -> None:
-    """Everything `AutoProcessor.from_pretrained(out)` reads. `tokenizer_json` may be passed to reuse a build."""
-    tokenizer_json = tokenizer_json if tokenizer_json is not None else build_tokenizer_json()
+def write_processor_files(out: Path, shape: ProcessorShape) -> None:
+    """Everything `AutoProcessor.from_pretrained(out)` reads."""
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_json.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(tokenizer_json_text())
     write_json(out / "tokenizer_config.json", tokenizer_config())
     write_json(
         out / "special_tokens_map.json",
