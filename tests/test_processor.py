@@ -91,13 +91,18 @@ def _photos() -> dict[str, Image.Image]:
 
 
 @pytest.fixture(scope="session")
-def photos(tmp_path_factory) -> dict[str, Path]:
+def photo_paths(tmp_path_factory) -> dict[str, Path]:
+    """`_photos()` saved as files (CMYK as JPEG), plus a JPEG whose EXIF says "rotate 90°"."""
     out = tmp_path_factory.mktemp("photos")
     paths = {}
     for name, image in _photos().items():
         path = out / (f"{name}.jpg" if image.mode == "CMYK" else f"{name}.png")
         image.save(path)
         paths[name] = path
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    paths["exif_rotated_jpeg"] = out / "exif_rotated.jpg"
+    _photos()["chelsea_451x300_rgb"].save(paths["exif_rotated_jpeg"], exif=exif, quality=90)
     return paths
 
 
@@ -202,50 +207,50 @@ PHOTO_NAMES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PHOTO_NAMES)
-def test_image_parity_real_shape(name, photos, proc, processor_dir):
-    messages = image_message(photos[name])
+def test_image_parity_real_shape(name, photo_paths, proc, processor_dir):
+    messages = image_message(photo_paths[name])
     ours = proc(messages)
     assert_same_batch(ours, tf_apply(processor_dir, messages))
     assert ours["pixel_values"].shape[2:] == (3, 512, 512)
 
 
-def test_known_token_counts(photos, proc):
+def test_known_token_counts(photo_paths, proc):
     """REFERENCE.md section 5: a 512² image becomes 4x4 + 1 = 17 tiles and 1,127 prompt tokens...
     plus the template around it; a 100² one too (it is resized to 2048 first)."""
-    item = proc.prepare(image_message(photos["astronaut_512_rgb"]))
+    item = proc.prepare(image_message(photo_paths["astronaut_512_rgb"]))
     assert (item.media[0].rows, item.media[0].cols, item.media[0].num_tiles) == (4, 4, 17)
     assert item.input_ids.count(proc.image_token_id) == 17 * 64
-    unsplit = proc.prepare(image_message(photos["astronaut_512_rgb"]), do_image_splitting=False)
+    unsplit = proc.prepare(image_message(photo_paths["astronaut_512_rgb"]), do_image_splitting=False)
     assert unsplit.input_ids.count(proc.image_token_id) == 64 and unsplit.media[0].num_tiles == 1
 
 
-@pytest.mark.parametrize("name", ["chelsea_451x300_rgb", "camera_512_gray", "astronaut_rgba", "tall_90x700"])
-def test_image_parity_tiny_shape(name, photos, tiny_proc, tiny_processor_dir):
-    messages = image_message(photos[name])
+@pytest.mark.parametrize("name", ["chelsea_451x300_rgb", "camera_512_gray", "astronaut_rgba", "tall_90x700", "exif_rotated_jpeg"])
+def test_image_parity_tiny_shape(name, photo_paths, tiny_proc, tiny_processor_dir):
+    messages = image_message(photo_paths[name])
     ours = tiny_proc(messages)
     assert_same_batch(ours, tf_apply(tiny_processor_dir, messages))
     assert ours["pixel_values"].shape[2:] == (3, 64, 64)
 
 
 @pytest.mark.parametrize("kind", ["pil_rgba", "pil_palette", "numpy_rgb", "numpy_rgba"])
-def test_in_memory_images_match_transformers(kind, tiny_proc, tiny_processor_dir):
-    """PIL images and numpy arrays go through transformers' convert_to_rgb (alpha onto white), not load_image."""
-    photos = _photos()
+def test_in_memory_images_match_transformers(kind, photos, tiny_proc, tiny_processor_dir):
+    """PIL images and numpy arrays go through transformers' convert_to_rgb (alpha onto white), not load_image.
+    `photos` is conftest's fixture: name -> PIL image."""
     image = {
-        "pil_rgba": photos["astronaut_rgba"],
-        "pil_palette": photos["rocket_427x640_palette"],
-        "numpy_rgb": np.asarray(photos["chelsea_451x300_rgb"]),
-        "numpy_rgba": np.asarray(photos["astronaut_rgba"]),
+        "pil_rgba": photos["logo"],
+        "pil_palette": photos["rocket"].quantize(64),
+        "numpy_rgb": np.asarray(photos["chelsea"]),
+        "numpy_rgba": np.asarray(photos["logo"]),
     }[kind]
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
     assert_same_batch(tiny_proc(messages), tf_apply(tiny_processor_dir, messages))
 
 
-def test_bytes_url_and_path_give_the_same_image(photos, tiny_proc):
+def test_bytes_url_and_path_give_the_same_image(photo_paths, tiny_proc):
     import http.server
     import threading
 
-    path = photos["chelsea_451x300_rgb"]
+    path = photo_paths["chelsea_451x300_rgb"]
     by_path = tiny_proc.prepare(image_message(path))
     by_bytes = tiny_proc.prepare([{"role": "user", "content": [{"type": "image", "image": path.read_bytes()}, {"type": "text", "text": "Can you describe this image?"}]}])
 
@@ -269,39 +274,40 @@ def test_bytes_url_and_path_give_the_same_image(photos, tiny_proc):
         assert other.image_hashes == by_path.image_hashes
 
 
-def test_image_hashes_follow_content(photos, tiny_proc):
-    a = tiny_proc.prepare(image_message(photos["chelsea_451x300_rgb"]))
-    b = tiny_proc.prepare(image_message(photos["tiny_100x80"]))
+def test_image_hashes_follow_content(photo_paths, tiny_proc):
+    a = tiny_proc.prepare(image_message(photo_paths["chelsea_451x300_rgb"]))
+    b = tiny_proc.prepare(image_message(photo_paths["tiny_100x80"]))
     both = tiny_proc.prepare(
-        [{"role": "user", "content": [{"type": "image", "path": str(photos["chelsea_451x300_rgb"])}, {"type": "image", "path": str(photos["tiny_100x80"])}]}]
+        [{"role": "user", "content": [{"type": "image", "path": str(photo_paths["chelsea_451x300_rgb"])}, {"type": "image", "path": str(photo_paths["tiny_100x80"])}]}]
     )
     assert len(a.image_hashes[0]) == 64 and a.image_hashes[0] != b.image_hashes[0]
     assert both.image_hashes == [a.image_hashes[0], b.image_hashes[0]]
     # same pixels after a different request: same hash; a changed setting: a different one
-    assert tiny_proc.prepare(image_message(photos["chelsea_451x300_rgb"], "other text")).image_hashes == a.image_hashes
-    assert tiny_proc.prepare(image_message(photos["chelsea_451x300_rgb"]), do_image_splitting=False).image_hashes != a.image_hashes
+    assert tiny_proc.prepare(image_message(photo_paths["chelsea_451x300_rgb"], "other text")).image_hashes == a.image_hashes
+    assert tiny_proc.prepare(image_message(photo_paths["chelsea_451x300_rgb"]), do_image_splitting=False).image_hashes != a.image_hashes
 
 
 @pytest.mark.slow
-def test_multi_image_multi_turn_system_parity(photos, proc, processor_dir):
+def test_multi_image_multi_turn_system_parity(photo_paths, proc, processor_dir):
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
         {
             "role": "user",
             "content": [
                 {"type": "text", "text": "Compare"},
-                {"type": "image", "path": str(photos["chelsea_451x300_rgb"])},
+                {"type": "image", "path": str(photo_paths["chelsea_451x300_rgb"])},
                 {"type": "text", "text": "with"},
-                {"type": "image", "path": str(photos["page_384x191_document"])},
+                {"type": "image", "path": str(photo_paths["page_384x191_document"])},
             ],
         },
         {"role": "assistant", "content": [{"type": "text", "text": "The first is a cat; the second is text."}]},
-        {"role": "user", "content": [{"type": "image", "path": str(photos["tiny_100x80"])}, {"type": "text", "text": "And this?"}]},
+        {"role": "user", "content": [{"type": "image", "path": str(photo_paths["tiny_100x80"])}, {"type": "text", "text": "And this?"}]},
     ]
-    ours = proc(messages)
+    item = proc.prepare(messages)
+    ours = proc.collate([item])
     assert_same_batch(ours, tf_apply(processor_dir, messages))
     # cat 451x300 -> 2048x1362 -> 3x4 tiles + 1; page 384x191 -> 2x4 + 1; 100x80 -> 4x4 + 1
-    assert [m.num_tiles for m in proc.prepare(messages).media] == [13, 9, 17]
+    assert [m.num_tiles for m in item.media] == [13, 9, 17]
     assert ours["pixel_values"].shape[1] == 13 + 9 + 17
 
 
@@ -317,11 +323,11 @@ def test_text_only_and_string_content(proc, processor_dir):
     assert torch.equal(proc(as_strings)["input_ids"], ours["input_ids"])
 
 
-def test_batch_left_padding_parity(photos, tiny_proc, tiny_processor_dir):
+def test_batch_left_padding_parity(photo_paths, tiny_proc, tiny_processor_dir):
     conversations = [
         [{"role": "user", "content": [{"type": "text", "text": "Hello there, a text-only question."}]}],
-        image_message(photos["chelsea_451x300_rgb"]),
-        [{"role": "user", "content": [{"type": "image", "path": str(photos["tall_90x700"])}, {"type": "image", "path": str(photos["tiny_100x80"])}, {"type": "text", "text": "Two?"}]}],
+        image_message(photo_paths["chelsea_451x300_rgb"]),
+        [{"role": "user", "content": [{"type": "image", "path": str(photo_paths["tall_90x700"])}, {"type": "image", "path": str(photo_paths["tiny_100x80"])}, {"type": "text", "text": "Two?"}]}],
     ]
     ours = tiny_proc(conversations)
     theirs = tf_apply(tiny_processor_dir, conversations, padding=True, padding_side="left")
@@ -334,8 +340,8 @@ def test_batch_left_padding_parity(photos, tiny_proc, tiny_processor_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override", ["no_splitting", "longest_edge_1024"])
-def test_per_call_overrides_parity(override, photos, proc, processor_dir):
-    messages = image_message(photos["chelsea_451x300_rgb"])
+def test_per_call_overrides_parity(override, photo_paths, proc, processor_dir):
+    messages = image_message(photo_paths["chelsea_451x300_rgb"])
     if override == "no_splitting":
         ours, theirs = proc(messages, do_image_splitting=False), tf_apply(processor_dir, messages, do_image_splitting=False)
         assert ours["pixel_values"].shape[1] == 1
@@ -378,12 +384,33 @@ def test_video_fps_and_max_frames_overrides(videos, tiny_proc, tiny_processor_di
 def test_video_parity_long_real_shape(videos, proc, processor_dir):
     """70 s at 2 fps, 64 frames of 512²: the end-skip rule runs (first index 2 = 1 s in, last < 139)."""
     messages = video_message(videos["long"])
-    ours = proc(messages)
+    item = proc.prepare(messages)
+    ours = proc.collate([item])
     theirs, metadata = tf_video(processor_dir, messages, videos["long"])
     assert_same_batch(ours, theirs)
     assert metadata.frames_indices[0] == 2 and metadata.frames_indices[-1] == 138
     assert ours["pixel_values"].shape[1] == 64
-    assert "sixty-four frames from a 0:01:10 [H:MM:SS] video" in proc.prepare(messages).prompt
+    assert "sixty-four frames from a 0:01:10 [H:MM:SS] video" in item.prompt
+
+
+@pytest.mark.parametrize("which", ["short_video", "long_video"])
+def test_h264_video_parity_tiny(which, request, tiny_proc, tiny_processor_dir):
+    """conftest's H.264 clips (3 s at 10 fps; 70 s at 2 fps, end-skipped, 64 frames)."""
+    path = request.getfixturevalue(which)
+    messages = video_message(path)
+    theirs, metadata = tf_video(tiny_processor_dir, messages, path)
+    ours = tiny_proc(messages)
+    assert_same_batch(ours, theirs)
+    assert tiny_proc.prepare(messages).media[0].num_tiles == len(metadata.frames_indices) == (3 if which == "short_video" else 64)
+
+
+def test_tiny_checkpoint_directory(tiny_ckpt, photos, tmp_path):
+    """The tiny model's own directory (with config.json: the context length comes from it)."""
+    proc = Processor.from_pretrained(tiny_ckpt)
+    assert proc.config.context_length is not None and proc.config.image_seq_len == 16
+    path = tmp_path / "coffee.png"
+    photos["coffee"].save(path)
+    assert_same_batch(proc(image_message(path)), tf_apply(tiny_ckpt, image_message(path)))
 
 
 def test_sample_frame_indices_rule():
@@ -397,21 +424,21 @@ def test_sample_frame_indices_rule():
     assert sample_frame_indices(5, 25.0, fps=1, max_frames=64) == [0]
 
 
-def test_pyav_fallback_matches_decord(videos, tiny_processor_dir):
+def test_pyav_fallback_matches_decord(videos, short_video, long_video, tiny_processor_dir):
     """Where decord has no wheel, PyAV decodes: same frame indices, same metadata, near-identical pixels."""
     settings = Processor.from_pretrained(tiny_processor_dir).config.video
-    for name in ("short", "long"):
-        a = load_video(videos[name], settings, backend="decord")
-        b = load_video(videos[name], settings, backend="pyav")
+    for name, path in (("mpeg4 short", videos["short"]), ("mpeg4 long", videos["long"]), ("h264 short", short_video), ("h264 long", long_video)):
+        a = load_video(path, settings, backend="decord")
+        b = load_video(path, settings, backend="pyav")
         assert a.frame_indices == b.frame_indices and a.total_frames == b.total_frames and a.source_fps == b.source_fps
         diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
         # measured on these MPEG-4 clips: mean 0.0 / 6e-5, max 0 / 2 grey levels (colour conversion rounding)
         assert diff.mean() < 0.05 and diff.max() <= 8, f"{name}: decord vs PyAV frames differ, mean {diff.mean()}, max {diff.max()}"
 
 
-def test_images_and_video_in_one_conversation_keep_prompt_order(photos, videos, tiny_proc):
+def test_images_and_video_in_one_conversation_keep_prompt_order(photo_paths, videos, tiny_proc):
     """transformers overwrites image pixel_values with the video's here; we keep both, in prompt order."""
-    image = {"type": "image", "path": str(photos["chelsea_451x300_rgb"])}
+    image = {"type": "image", "path": str(photo_paths["chelsea_451x300_rgb"])}
     video = {"type": "video", "path": str(videos["short"])}
     mixed = tiny_proc.prepare([{"role": "user", "content": [video, {"type": "text", "text": "and"}, image]}])
     video_only = tiny_proc.prepare([{"role": "user", "content": [video]}])
