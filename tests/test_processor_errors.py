@@ -151,8 +151,10 @@ def test_missing_tile_size(processor_dir, tmp_path):
 
 
 def test_hub_id_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and no cached copy
     with pytest.raises(ProcessorError, match="not a local directory and could not be fetched"):
         Processor.from_pretrained("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
 
