@@ -145,6 +145,7 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory))
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
+        self.last_result: GenerationResult | None = None  # of the last `stream` call
         self._next_id = 0
 
     def _blocks_from_budget(self, model, config: EngineConfig) -> int:
@@ -396,7 +397,8 @@ class Engine:
     def stream(
         self, conversation: Messages | PromptInputs, params: SamplingParams = SamplingParams(), **processor_options: Any
     ) -> Iterator[str]:
-        """Yield the answer's text piece by piece; raises RequestError if the request fails."""
+        """Yield the answer's text piece by piece; raises RequestError if the request fails.
+        Afterwards `engine.last_result` holds its GenerationResult (token ids, finish reason, counts)."""
         request_id = self.add_request(conversation, params, **processor_options)
         try:
             while request_id in self.requests:
@@ -405,8 +407,10 @@ class Engine:
                         continue
                     if out.text:
                         yield out.text
-                    if out.result is not None and out.result.finish_reason == "error":
-                        raise RequestError(out.result.error or "generation failed")
+                    if out.result is not None:
+                        self.last_result = out.result
+                        if out.result.finish_reason == "error":
+                            raise RequestError(out.result.error or "generation failed")
         finally:
             self.abort(request_id)  # closed early: give the blocks back
 

@@ -1,0 +1,262 @@
+"""The `smolvlm` command: ask about images or a video from a terminal.
+
+    smolvlm run [--model M] [--image P]... [--video P] "prompt"     stream one answer to stdout
+    smolvlm chat [--model M] [--image P]... [--video P]             a conversation, one question per line
+
+Errors (a missing image, an unreadable video, a model that cannot be found) print one line to stderr
+and exit with status 1; `--debug` shows the traceback instead. Heavy imports (torch, the model) wait
+until the arguments are parsed, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+
+DESCRIPTION = """\
+SmolVLM2 on images and videos, from the terminal.
+
+  smolvlm run --image photo.jpg "What is in this picture?"
+  smolvlm run --video clip.mp4 --max-new-tokens 200 "Describe the video."
+  smolvlm chat --image a.png --image b.png      (then type questions; /help inside)
+
+The model is a local checkpoint directory or a Hugging Face hub id (default: %s), downloaded
+once into the hub cache (HF_HOME) with a progress bar. Offline, point --model at a local
+directory holding config.json, model.safetensors and the tokenizer/processor files.
+""" % DEFAULT_MODEL
+
+CHAT_HELP = """\
+Type a question and press Enter. Commands:
+  /image PATH   attach an image to the next question
+  /video PATH   attach a video to the next question
+  /reset        start a new conversation
+  /exit         quit (or Ctrl-D)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    model = common.add_argument_group("model")
+    model.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory or hub repo id (default: {DEFAULT_MODEL})")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available)")
+    model.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
+                       help="paged attention implementation (auto: triton on CUDA, torch elsewhere)")
+    model.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="memory for the KV cache in GiB (default: 1 on CPU, half the free GPU memory)")
+
+    media = common.add_argument_group("images and video")
+    media.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
+                       help="an image file or URL; repeat for several images (shown before the prompt)")
+    media.add_argument("--video", "-v", metavar="PATH", help="a video file (frames sampled at --video-fps)")
+    media.add_argument("--no-image-splitting", action="store_true",
+                       help="one tile per image instead of a grid of tiles + the whole image (fewer tokens)")
+    media.add_argument("--video-fps", type=float, default=None, help="frames sampled per second (default: 1)")
+    media.add_argument("--video-max-frames", type=int, default=None, help="at most this many frames (default: 64)")
+
+    sampling = common.add_argument_group("generation")
+    sampling.add_argument("--max-new-tokens", "-n", type=int, default=512, help="answer length limit (default: 512)")
+    sampling.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    sampling.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    sampling.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="stop when the answer contains TEXT (repeatable)")
+
+    misc = common.add_argument_group("output")
+    misc.add_argument("--stats", action="store_true",
+                      help="print timing and cache statistics to stderr after each answer")
+    misc.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    parser = argparse.ArgumentParser(
+        prog="smolvlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat}")
+    run = commands.add_parser("run", parents=[common], help="answer one prompt, streamed to stdout",
+                              description="Answer one prompt about the given images / video, streamed to stdout.")
+    run.add_argument("prompt", help="the question or instruction")
+    commands.add_parser("chat", parents=[common], help="a conversation: one question per line on stdin",
+                        description="A conversation: each line on stdin is a question; the answers stream to "
+                                    "stdout. Earlier turns (and their images) stay cached.\n\n" + CHAT_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+class CLIError(Exception):
+    """A problem to report in one line, without a traceback."""
+
+
+def check_media(paths: list[str]) -> None:
+    for path in paths:
+        if "://" in path or path.startswith("data:"):
+            continue
+        if not Path(path).expanduser().is_file():
+            raise CLIError(f"file not found: {path}")
+
+
+def user_turn(text: str, images: list[str], video: str | None) -> dict:
+    content = [{"type": "image", "url" if "://" in p else "path": p} for p in images]
+    if video:
+        content.append({"type": "video", "path": video})
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def load_engine(args):
+    import torch
+
+    from smolvlm.engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    options = {}
+    if args.kv_cache_gb is not None:
+        options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
+    return Engine.from_pretrained(
+        args.model, dtype=getattr(torch, dtype_name), device=device, attention_backend=args.attention_backend, **options
+    )
+
+
+def sampling_params(args):
+    from smolvlm.engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+
+
+def processor_options(args) -> dict:
+    options = {}
+    if args.no_image_splitting:
+        options["do_image_splitting"] = False
+    if args.video_fps is not None:
+        options["video_fps"] = args.video_fps
+    if args.video_max_frames is not None:
+        options["video_max_frames"] = args.video_max_frames
+    return options
+
+
+def answer(engine, messages, params, options, show_stats: bool) -> str:
+    """Stream one answer to stdout; return its text."""
+    import time
+
+    before = engine.stats.prefill_tokens
+    start = time.perf_counter()
+    first = None
+    pieces = []
+    for piece in engine.stream(messages, params, **options):
+        if first is None:
+            first = time.perf_counter() - start
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if show_stats:
+        total = time.perf_counter() - start
+        result = engine.last_result
+        print(
+            f"[{result.num_prompt_tokens} prompt tokens, {result.num_cached_tokens} from the prefix cache, "
+            f"{engine.stats.prefill_tokens - before} prefilled; {len(result.token_ids)} new tokens; "
+            f"first text after {first or total:.2f} s, total {total:.2f} s]",
+            file=sys.stderr,
+        )
+    return "".join(pieces)
+
+
+def run(args) -> int:
+    check_media(args.image + ([args.video] if args.video else []))
+    engine = load_engine(args)
+    answer(engine, [user_turn(args.prompt, args.image, args.video)], sampling_params(args), processor_options(args), args.stats)
+    return 0
+
+
+def chat(args) -> int:
+    pending_images, pending_video = list(args.image), args.video
+    check_media(pending_images + ([pending_video] if pending_video else []))
+    engine = load_engine(args)
+    params, options = sampling_params(args), processor_options(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if command == "/reset":
+            messages = []
+            continue
+        if command in ("/image", "/video"):
+            path = rest.strip()
+            try:
+                check_media([path])
+            except CLIError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            if command == "/image":
+                pending_images.append(path)
+            else:
+                pending_video = path
+            continue
+        turn = user_turn(text, pending_images, pending_video)
+        try:
+            reply = answer(engine, messages + [turn], params, options, args.stats)
+        except ValueError as e:  # a bad image or video, a prompt over the context: report, keep chatting
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        pending_images, pending_video = [], None
+        messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": reply.strip()}]}]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args) if args.command == "run" else chat(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `smolvlm run ... | head`
+        return 0
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 1
+
+
+def describe(error: Exception) -> str:
+    message = str(error) or type(error).__name__
+    name = type(error).__name__
+    if name in ("CLIError", "ProcessorError", "RequestError", "CheckpointError", "ConfigError"):
+        return message
+    return f"{name}: {message}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
