@@ -159,6 +159,11 @@ def test_hub_id_offline(monkeypatch, tmp_path):
         Processor.from_pretrained("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
 
 
+def test_missing_directory(tmp_path):
+    with pytest.raises(ProcessorError, match="processor directory not found: .*absent"):
+        Processor.from_pretrained(tmp_path / "absent")
+
+
 def test_bad_padding_side(proc):
     with pytest.raises(ProcessorError, match="padding_side"):
         proc([{"role": "user", "content": "hi"}], padding_side="middle")

@@ -141,8 +141,10 @@ class Processor:
     ) -> Processor:
         """Load from a checkpoint directory, or from a hub repo id (processor files only, cached by
         huggingface_hub). `context_length` overrides config.json's text_config.max_position_embeddings."""
-        directory = Path(path_or_repo_id)
+        directory = Path(path_or_repo_id).expanduser()
         if not directory.is_dir():
+            if directory.is_absolute() or str(path_or_repo_id).startswith((".", "~")) or directory.exists():
+                raise ProcessorError(f"processor directory not found: {path_or_repo_id}")
             directory = _download(str(path_or_repo_id), revision)
         config = load_processor_config(directory, context_length=context_length)
         return cls(Tokenizer.from_directory(directory), config, video_backend=video_backend)
