@@ -78,7 +78,8 @@ def test_chat_template_renders_reference_example(processor_dir):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(processor_dir)
-    image_first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Can you describe this image?"}]}]
+    image_first = [{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": "Can you describe this image?"}]}]
     assert processor.apply_chat_template(image_first, add_generation_prompt=True) == CHAT_EXAMPLE
     text_only = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                  {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
@@ -120,7 +121,8 @@ def test_processor_files_hold_reference_values(processor_dir, tiny_ckpt, make_ch
     assert read_json(processor_dir / "generation_config.json") == {"bos_token_id": 0, "eos_token_id": 49279,
                                                                    "pad_token_id": 2}
     template = read_json(processor_dir / "chat_template.json")["chat_template"]
-    assert template == read_json(processor_dir / "tokenizer_config.json")["chat_template"] == make_checkpoints.CHAT_TEMPLATE
+    assert template == make_checkpoints.CHAT_TEMPLATE
+    assert read_json(processor_dir / "tokenizer_config.json")["chat_template"] == template
 
     tiny = read_json(tiny_ckpt / "preprocessor_config.json")
     assert tiny["max_image_size"] == {"longest_edge": 64}

@@ -156,7 +156,8 @@ def build_tokenizer_json():
     tokenizer.add_special_tokens(added)
     for offset, token in enumerate(smolvlm_added_tokens()):
         if tokenizer.token_to_id(token) != BASE_VOCAB_SIZE + offset:
-            raise ValueError(f"added token {token!r} got id {tokenizer.token_to_id(token)}, expected {BASE_VOCAB_SIZE + offset}")
+            got = tokenizer.token_to_id(token)
+            raise ValueError(f"added token {token!r} got id {got}, expected {BASE_VOCAB_SIZE + offset}")
     return tokenizer
 
 
@@ -194,7 +195,8 @@ def tokenizer_config() -> dict:
 
 
 def _added_token_entry(token: str) -> dict:
-    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
 
 
 def preprocessor_config(shape: ProcessorShape) -> dict:
@@ -239,7 +241,8 @@ def write_processor_files(out: Path, shape: ProcessorShape) -> None:
     )
     write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
     write_json(out / "preprocessor_config.json", preprocessor_config(shape))
-    write_json(out / "processor_config.json", {"image_seq_len": shape.image_seq_len, "processor_class": "SmolVLMProcessor"})
+    write_json(out / "processor_config.json",
+               {"image_seq_len": shape.image_seq_len, "processor_class": "SmolVLMProcessor"})
     write_json(out / "generation_config.json", generation_config())
 
 
@@ -403,7 +406,8 @@ def check_gguf_config_matches(gguf_config: dict, text_config: dict) -> None:
         raise ValueError(f"GGUF rope_theta = {rope_theta}, config.json says {text_config['rope_theta']}")
     # The GGUF stores eps as float32 (9.9999997e-06): compare at float32 precision.
     if abs(gguf_config["rms_norm_eps"] - text_config["rms_norm_eps"]) > 1e-12:
-        raise ValueError(f"GGUF rms_norm_eps = {gguf_config['rms_norm_eps']}, config.json says {text_config['rms_norm_eps']}")
+        raise ValueError(f"GGUF rms_norm_eps = {gguf_config['rms_norm_eps']}, "
+                         f"config.json says {text_config['rms_norm_eps']}")
 
 
 def graft_text_weights(weights: dict[str, torch.Tensor], smollm2: dict[str, torch.Tensor], seed: int) -> None:
@@ -428,7 +432,8 @@ def graft_text_weights(weights: dict[str, torch.Tensor], smollm2: dict[str, torc
             extra = torch.randn(VOCAB_SIZE - BASE_VOCAB_SIZE, tensor.shape[1], generator=generator) * 0.02
             tensor = torch.cat([tensor, extra], dim=0)  # (49280, 576)
         if weights[target].shape != tensor.shape:
-            raise ValueError(f"{target}: GGUF shape {tuple(tensor.shape)} != SmolVLM shape {tuple(weights[target].shape)}")
+            raise ValueError(f"{target}: GGUF shape {tuple(tensor.shape)} != "
+                             f"SmolVLM shape {tuple(weights[target].shape)}")
         weights[target] = tensor.to(torch.float32).contiguous()
     grafted = {n for n in weights if n.startswith("model.text_model.")}
     expected = {"model.text_model." + n[len("model."):] for n in smollm2 if n != "lm_head.weight"}
