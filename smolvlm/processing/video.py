@@ -130,6 +130,8 @@ def load_video(path: str | Path, settings: VideoSettings, backend: str = "auto")
     """Decode the frames `settings` asks for. backend: "decord", "pyav" or "auto" (decord if installed)."""
     if settings.fps is None or settings.max_frames is None:
         raise ProcessorError("this checkpoint has no video_sampling.fps / max_frames; pass video_fps and video_max_frames")
+    if not isinstance(path, (str, Path)):
+        raise ProcessorError(f"a video must be given as a file path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise ProcessorError(f"video file not found: {path}")
