@@ -192,26 +192,11 @@ class Processor:
 
         image_texts, video_texts, tiles, media = [], [], [], []
         for item in media_items:
-            if item["type"] == "image":
-                split = split_image(load_image(item), config.image)
-                s = config.image
-                norm = image_normalization(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
-                uint8_tiles = torch.from_numpy(split.tiles)  # (N, 3, tile, tile)
-                image_texts.append(image_prompt(split.rows, split.cols, config.image_seq_len, tokens))
-                media.append(MediaItem("image", tiles_sha256(uint8_tiles, norm), len(uint8_tiles), split.rows, split.cols))
-                tiles.append(norm.apply(uint8_tiles))
-            else:
-                if config.video is None:
-                    raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
-                source = next(item[k] for k in ("video", "path", "url") if k in item)
-                clip = load_video(source, config.video, backend=self.video_backend)
-                frames = resize_frames(clip.frames, config.video)  # (T, 3, S, S) uint8
-                v = config.video
-                norm = video_normalization(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
-                stamps = timestamp_texts(clip)
-                video_texts.append(video_prompt(stamps, duration_text(clip), config.image_seq_len, tokens))
-                media.append(MediaItem("video", tiles_sha256(frames, norm), len(frames), timestamps=stamps))
-                tiles.append(norm.apply(frames))
+            process = self._process_image if item["type"] == "image" else self._process_video
+            expansion, uint8_tiles, info = process(item, config)
+            (image_texts if info.kind == "image" else video_texts).append(expansion)
+            media.append(info)
+            tiles.append(uint8_tiles)
 
         prompt = expand_placeholders(text, tokens, iter(image_texts), iter(video_texts))
         # transformers: no special tokens added when the prompt already starts with the BOS token
@@ -222,6 +207,29 @@ class Processor:
             raise ProcessorError(f"conversation {index}: image tiles and video frames have different sizes")
         pixel_values = (tiles[0] if len(tiles) == 1 else torch.cat(tiles)) if tiles else None
         return ProcessedConversation(input_ids=input_ids, prompt=prompt, pixel_values=pixel_values, media=media)
+
+    def _process_image(self, item: dict, config: ProcessorConfig) -> tuple[str, torch.Tensor, MediaItem]:
+        """One image item -> (its prompt expansion, (N, 3, tile, tile) float32 tiles, MediaItem)."""
+        split = split_image(load_image(item), config.image)
+        s = config.image
+        norm = image_normalization(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
+        uint8_tiles = torch.from_numpy(split.tiles)  # (N, 3, tile, tile)
+        info = MediaItem("image", tiles_sha256(uint8_tiles, norm), len(uint8_tiles), split.rows, split.cols)
+        expansion = image_prompt(split.rows, split.cols, config.image_seq_len, config.tokens)
+        return expansion, norm.apply(uint8_tiles), info
+
+    def _process_video(self, item: dict, config: ProcessorConfig) -> tuple[str, torch.Tensor, MediaItem]:
+        """One video item -> (its prompt expansion, (T, 3, S, S) float32 frames, MediaItem)."""
+        if config.video is None:
+            raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
+        v = config.video
+        clip = load_video(next(item[k] for k in ("video", "path", "url") if k in item), v, backend=self.video_backend)
+        frames = resize_frames(clip.frames, v)  # (T, 3, S, S) uint8
+        norm = video_normalization(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
+        stamps = timestamp_texts(clip)
+        info = MediaItem("video", tiles_sha256(frames, norm), len(frames), timestamps=stamps)
+        expansion = video_prompt(stamps, duration_text(clip), config.image_seq_len, config.tokens)
+        return expansion, norm.apply(frames), info
 
     def _check_tokens(self, input_ids: list[int], media: list[MediaItem], config: ProcessorConfig, index: int) -> None:
         if config.context_length is not None and len(input_ids) > config.context_length:
