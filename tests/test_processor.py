@@ -10,7 +10,6 @@ runs the processor on those frames: every step after decoding is transformers' o
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from functools import partial
