@@ -24,9 +24,8 @@ from smolvlm.processing import Processor, ProcessorError
 from smolvlm.processing.prompt import number_to_words
 from smolvlm.processing.video import load_video, sample_frame_indices
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.smolvlm import SmolVLMImageProcessorPil, SmolVLMProcessor  # noqa: E402
-from transformers.video_utils import load_video as tf_load_video  # noqa: E402
+from transformers.models.smolvlm import SmolVLMImageProcessorPil, SmolVLMProcessor  # the pinned reference
+from transformers.video_utils import load_video as tf_load_video
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: processor directories, photos, videos
@@ -509,7 +508,8 @@ def test_context_length_from_config_json(processor_dir, tmp_path):
 
 
 def test_number_to_words_matches_num2words():
-    num2words = pytest.importorskip("num2words").num2words
+    from num2words import num2words  # a dev dependency only (transformers imports it unconditionally)
+
     numbers = list(range(0, 2001)) + [10_000, 10_001, 100_100, 1_000_000, 1_234_567, 2_000_000_017]
     wrong = [(n, number_to_words(n), num2words(n)) for n in numbers if number_to_words(n) != num2words(n)]
     assert not wrong, f"{len(wrong)} differ, first: {wrong[:3]}"
