@@ -6,6 +6,12 @@ Both sides get the same files and produce the same tensors (checked here too). t
 with the Pillow image processor (the parity reference) and with its default torchvision one; its
 video path is `load_video(backend="decord")` + the processor, since torchcodec is not installed.
 Each number is the median wall time of `--repeats` runs after one warm-up run.
+
+Measured (2-core CPU shared with other jobs, load ~5, torch 2.14, transformers 5.24, 5 repeats):
+    image 512² (17 tiles)           ours 0.35 s   transformers Pillow 0.43 s   transformers torchvision 1.51 s
+    video 70 s 640x480 (64 frames)  ours 2.46 s   transformers 2.97 s
+Outputs identical in both cases (pixel_values max abs diff 0.0). ~80% of the video time is the two
+LANCZOS resizes (640x480 -> 2048x1536 -> 512x512) that transformers' config quirk imposes.
 """
 
 from __future__ import annotations
