@@ -55,14 +55,25 @@ class Result:
 
 
 def bench(fn, dry_run: bool) -> float:
-    """Median milliseconds of fn() (CUDA events via triton.testing.do_bench); one call when dry."""
+    """Median milliseconds of fn() on the GPU; one call when dry.
+
+    Timed as replays of a captured CUDA graph (triton.testing.do_bench_cudagraph): a decode step is
+    a few microseconds of GPU work, less than Python's launch overhead, and an engine replays
+    graphs anyway. Falls back to eager launches timed with CUDA events if capture fails."""
     if dry_run:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as error:  # noqa: BLE001 - any capture failure: time eagerly instead
+        print(f"  (graph capture failed, eager timing: {str(error).splitlines()[0][:100]})", file=sys.stderr)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def sdpa_backends(run, args) -> dict[str, float]:
@@ -272,35 +283,49 @@ def ceilings(args) -> dict:
 
 
 PREFILL_CONFIGS = [
-    TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 4),
-    TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 128, 4, 3), TileConfig(128, 128, 4, 2),
+    TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 128, 4, 2),
+    TileConfig(128, 64, 4, 4), TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3),
 ]
-DECODE_CONFIGS = [TileConfig(16, 32, 4, 3), TileConfig(16, 64, 4, 3), TileConfig(16, 64, 4, 4), TileConfig(16, 128, 4, 3), TileConfig(16, 64, 2, 3), TileConfig(16, 128, 8, 2)]
+DECODE_CONFIGS = [TileConfig(16, 32, 4, 3), TileConfig(16, 64, 4, 3), TileConfig(16, 64, 4, 4), TileConfig(16, 128, 4, 3), TileConfig(16, 128, 8, 3)]
 
 
-def sweep(args, results):
-    dtype = torch.bfloat16
+def sweep(args, results, dtype) -> tuple[TileConfig | None, TileConfig | None]:
+    """Time each prefill config on the vision (B=64) and causal decoder (16 x 1024) cases, and each
+    decode config x split count at batch 64 x 4k; return the best prefill and decode configs
+    (prefill: least total time over both cases)."""
     args.skip_baselines = True  # configs are compared with each other
+    prefill_totals = {}
     for config in PREFILL_CONFIGS:
+        total = 0.0
         for case in (lambda c: bench_masked(dtype, 64, False, c, args), lambda c: bench_varlen(dtype, [1024] * 16, True, c, args)):
             try:
                 r = case(config)
-            except Exception as error:  # a config can exceed shared memory
+            except Exception as error:  # noqa: BLE001 - a config can exceed shared memory
                 print(f"  config {config}: {type(error).__name__}: {str(error)[:120]}", file=sys.stderr)
+                total = float("inf")
                 continue
             r.note = f"sweep {asdict(config)}"
             results.append(r)
-            print(f"sweep {r.kernel:24s} {r.case:50s} {config} {r.ms:.3f} ms {r.tflops:.0f} TFLOP/s", flush=True)
+            total += r.ms
+            print(f"sweep {r.kernel:24s} {r.case:45s} {r.dtype} {config} {r.ms:.4f} ms {r.tflops:.0f} TFLOP/s", flush=True)
+        prefill_totals[config] = total
+    decode_times = {}
     for config in DECODE_CONFIGS:
         for splits in (1, 2, 3, 4, 6, 8, 12, 16):
             try:
                 r = bench_decode(dtype, 64, 4096, 16, splits, config, args)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001
                 print(f"  decode config {config} splits {splits}: {type(error).__name__}: {str(error)[:120]}", file=sys.stderr)
                 continue
             r.note = f"sweep {asdict(config)}"
             results.append(r)
-            print(f"sweep {r.kernel:24s} {r.case:50s} {config} {r.ms:.4f} ms {r.gbps:.0f} GB/s", flush=True)
+            decode_times[config] = min(decode_times.get(config, float("inf")), r.ms)
+            print(f"sweep {r.kernel:24s} {r.case:45s} {r.dtype} {config} {r.ms:.4f} ms {r.gbps:.0f} GB/s", flush=True)
+    args.skip_baselines = False
+    best_prefill = min(prefill_totals, key=prefill_totals.get) if prefill_totals else None
+    best_decode = min(decode_times, key=decode_times.get) if decode_times else None
+    print(f"best {dtype}: prefill {best_prefill}, decode {best_decode}", flush=True)
+    return best_prefill, best_decode
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -310,6 +335,7 @@ def markdown(results: list[Result], machine: dict) -> str:
     lines = [
         f"GPU: {machine.get('gpu')}; torch {machine.get('torch')}, triton {machine.get('triton')}; "
         f"measured copy {machine.get('copy_gbps', 0):.0f} GB/s, bf16 matmul {machine.get('bf16_matmul_tflops', 0):.0f} TFLOP/s",
+        *(f"tile configs {key.removeprefix('configs ')}: {value}" for key, value in machine.items() if key.startswith("configs")),
         "",
         "| kernel | case | dtype | ms | TFLOP/s | GB/s | best baseline (ms) | ours / best | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -330,7 +356,7 @@ def markdown(results: list[Result], machine: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts (bf16)")
+    parser.add_argument("--sweep", action="store_true", help="sweep tile configs and split counts per dtype first; the table then uses the best")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, one call each, correctness only (CPU ok)")
@@ -359,6 +385,10 @@ def main(argv=None) -> int:
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         pre = prefill_config(args.device, dtype, HEAD_DIM)
         dec = decode_config(args.device, dtype, HEAD_DIM)
+        if args.sweep:
+            best_prefill, best_decode = sweep(args, results, dtype)
+            pre, dec = best_prefill or pre, best_decode or dec
+        machine[f"configs {dtype}"] = {"prefill": asdict(pre), "decode": asdict(dec)}
         record(bench_masked(dtype, 17, False, pre, args))
         record(bench_masked(dtype, 64, False, pre, args))
         record(bench_masked(dtype, 17, True, pre, args))
@@ -371,9 +401,6 @@ def main(argv=None) -> int:
         record(bench_decode(dtype, 64, 4096, 32, None, dec, args, copy_gbps))
         record(bench_store(dtype, 8192, args, copy_gbps))
         record(bench_store(dtype, 64, args, copy_gbps))
-    if args.sweep:
-        sweep(args, results)
-
     print()
     print(markdown(results, machine))
     if args.json:
