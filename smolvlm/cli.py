@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 def describe(error: Exception) -> str:
     message = str(error) or type(error).__name__
     name = type(error).__name__
-    if name in ("CLIError", "ProcessorError", "RequestError", "CheckpointError", "ConfigError"):
+    if name == "CheckpointError":
+        return f"{message}\n  (use --model /path/to/checkpoint-directory to run a local copy)"
+    if name in ("CLIError", "ProcessorError", "RequestError", "ConfigError"):
         return message
     return f"{name}: {message}"
 

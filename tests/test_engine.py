@@ -361,3 +361,25 @@ def test_incremental_detokenizer_never_splits_a_character(tiny_ckpt):
     assert all("\ufffd" not in p for p in pieces), pieces
     assert "".join(pieces) == text
     assert sum(1 for p in pieces if p) > 5  # it did stream, not hold everything back
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton backend (on CPU through TRITON_INTERPRET=1, set by conftest.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_triton_backend_generates_the_same_tokens_as_torch(tiny_ckpt, conversations):
+    pytest.importorskip("triton")
+    names = ["image", "video", "text"]
+    params = SamplingParams(max_new_tokens=10)
+    # 96 tokens per step: prompts are prefilled in chunks over their cached part, next to decodes
+    # (mixed steps), so every kernel path runs: store_kv, paged prefill with context, paged decode.
+    options = {"max_num_batched_tokens": 96, "num_kv_blocks": 128}
+    expected = make_engine(tiny_ckpt, **options).generate([conversations[n] for n in names], params)
+    engine = make_engine(tiny_ckpt, attention_backend="triton", **options)
+    assert engine.backend.name == "triton"
+    results = engine.generate([conversations[n] for n in names], params)
+    for name, ours, reference in zip(names, results, expected):
+        assert ours.error is None, f"{name}: {ours.error}"
+        assert ours.token_ids == reference.token_ids, f"{name}: {first_difference(ours.token_ids, reference.token_ids)}"
+    assert_pool_empty(engine)
