@@ -12,7 +12,9 @@ Flash attention never holds a whole row of scores. For each query row it keeps t
 `acc`; each new tile of keys rescales the old state by exp2(old_max - new_max) and adds its own
 contribution. At the end, output = acc / row_sum.
 
-Scores arrive already multiplied by softmax_scale * log2(e), so exp2 replaces exp.
+Scores arrive raw (q . k, -inf where masked); multiplying by qk_scale = softmax_scale * log2(e)
+inside the exponent makes exp2 replace exp and lets the scale and the max subtraction fuse into
+one FMA per score.
 A row whose scores are all -inf so far (no visible key yet) keeps row_max = -inf; `safe_max`
 avoids the NaN of (-inf) - (-inf) and leaves such rows at acc = 0, row_sum = 0.
 """
@@ -40,13 +42,14 @@ def online_softmax_step(
     acc,  # [M, D] fp32, unnormalised output so far
     row_max,  # [M] fp32, running max of the scores (log2 units), -inf before any visible key
     row_sum,  # [M] fp32, running sum of exp2(score - row_max)
-    scores,  # [M, N] fp32, this tile's scores * scale * log2(e), -inf where masked
+    scores,  # [M, N] fp32, this tile's raw scores q . k, -inf where masked
     v,  # [N, D] this tile's values (input dtype)
+    qk_scale,  # softmax scale * log2(e), > 0
     DOT_PRECISION: tl.constexpr,  # see dot()
 ):
-    new_max = tl.maximum(row_max, tl.max(scores, 1))  # [M]
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)  # [M], log2 units
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # [M]
-    p = tl.math.exp2(scores - safe_max[:, None])  # [M, N]
+    p = tl.math.exp2(scores * qk_scale - safe_max[:, None])  # [M, N]
     correction = tl.math.exp2(row_max - safe_max)  # [M], 0 for a row that had no visible key
     row_sum = row_sum * correction + tl.sum(p, 1)
     acc = acc * correction[:, None]

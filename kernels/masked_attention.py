@@ -83,13 +83,13 @@ def _masked_attention_kernel(
             in_range = keys < seq_len  # [BLOCK_N]
             k = tl.load(k_base + keys[:, None] * stride_k_token + dims[None, :], mask=in_range[:, None], other=0.0)
             v = tl.load(v_base + keys[:, None] * stride_v_token + dims[None, :], mask=in_range[:, None], other=0.0)
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_MASK:
             key_valid = tl.load(mask_base + keys, mask=keys < seq_len, other=0) != 0  # [BLOCK_N]
             scores = tl.where(key_valid[None, :], scores, float("-inf"))
         elif not EVEN_T:
             scores = tl.where((keys < seq_len)[None, :], scores, float("-inf"))
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a tile with no valid key gives 0
     out_base = out_ptr + batch.to(tl.int64) * stride_o_batch + head * stride_o_head

@@ -97,8 +97,8 @@ def _paged_decode_split_kernel(
         slots = blocks * stride_cache_block + (keys % KV_BLOCK_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N] int64
         k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :])  # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :])  # [BLOCK_N, D]
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     if full_end < split_end:
         keys = full_end + cols  # [BLOCK_N]
@@ -107,9 +107,9 @@ def _paged_decode_split_kernel(
         slots = blocks * stride_cache_block + (keys % KV_BLOCK_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N]
         k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [BLOCK_N, D]
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # [BLOCK_G, D]; empty context -> 0

@@ -95,8 +95,8 @@ def _paged_prefill_attention_kernel(
         slots = blocks * stride_cache_block + (keys % KV_BLOCK_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N] int64
         k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :])  # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :])  # [BLOCK_N, D]
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     for start in range(full_end, end, BLOCK_N):
         keys = start + cols  # [BLOCK_N]
@@ -105,10 +105,10 @@ def _paged_prefill_attention_kernel(
         slots = blocks * stride_cache_block + (keys % KV_BLOCK_SIZE) * stride_cache_slot + head_offset  # [BLOCK_N]
         k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [BLOCK_N, D]
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         visible = key_valid[None, :] & (keys[None, :] <= rows[:, None] + (k_len - q_len))  # [BLOCK_M, BLOCK_N]
         scores = tl.where(visible, scores, float("-inf"))
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     out_base = out_ptr + q_start.to(tl.int64) * stride_o_token + head * stride_o_head

@@ -99,20 +99,20 @@ def _varlen_attention_kernel(
         keys = start + cols  # [BLOCK_N]
         k = tl.load(k_base + keys[:, None] * stride_k_token + dims[None, :])  # [BLOCK_N, D]
         v = tl.load(v_base + keys[:, None] * stride_v_token + dims[None, :])  # [BLOCK_N, D]
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     for start in range(full_end, end, BLOCK_N):
         keys = start + cols  # [BLOCK_N]
         key_valid = keys < k_len  # [BLOCK_N]
         k = tl.load(k_base + keys[:, None] * stride_k_token + dims[None, :], mask=key_valid[:, None], other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_v_token + dims[None, :], mask=key_valid[:, None], other=0.0)
-        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         visible = key_valid[None, :]  # [1, BLOCK_N]
         if CAUSAL:
             visible = visible & (keys[None, :] <= rows[:, None] + (k_len - q_len))  # [BLOCK_M, BLOCK_N]
         scores = tl.where(visible, scores, float("-inf"))
-        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, DOT_PRECISION)
+        acc, row_max, row_sum = online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale, DOT_PRECISION)
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # rows with no visible key stay 0
     out_base = out_ptr + q_start.to(tl.int64) * stride_o_token + head * stride_o_head

@@ -271,7 +271,9 @@ def ceilings(args) -> dict:
         return {}
     x = torch.empty(2**30, dtype=torch.uint8, device=args.device)
     y = torch.empty_like(x)
-    copy_ms = bench(lambda: y.copy_(x), False)
+    import triton.testing
+
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")  # one big launch: events suffice
     a = torch.randn(8192, 8192, device=args.device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=args.device, dtype=torch.bfloat16)
     mm_ms = bench(lambda: a @ b, False)
