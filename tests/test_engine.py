@@ -292,6 +292,24 @@ def test_prompt_larger_than_the_whole_pool_fails_alone(tiny_ckpt, conversations,
     assert_pool_empty(engine)
 
 
+def test_generated_image_token_is_a_plain_token(tiny_ckpt, conversations):
+    """A model may emit the `<image>` id itself; it has no features and must not break the step
+    (transformers' generate embeds it as a plain token too)."""
+    engine = make_engine(tiny_ckpt)
+    real_sampler = engine.runner.sampler
+    calls = []
+
+    def sampler(logits, seq_ids, params, token_ids):
+        tokens = real_sampler(logits, seq_ids, params, token_ids)
+        calls.append(1)
+        return [engine.image_token_id] * len(tokens) if len(calls) <= 2 else tokens
+
+    engine.runner.sampler = sampler
+    [result] = engine.generate([conversations["image"]], SamplingParams(max_new_tokens=6))
+    assert result.error is None and result.token_ids[:2] == [engine.image_token_id] * 2 and len(result.token_ids) == 6
+    assert_pool_empty(engine)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling, stop strings, streaming, detokenisation
 # ---------------------------------------------------------------------------------------------

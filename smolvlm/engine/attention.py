@@ -61,6 +61,8 @@ class TorchBackend:
         """q (B, Hq, D), one token per sequence -> (B, Hq, D)."""
         b = q.shape[0]
         block_size = k_cache.shape[1]
+        if b == 1:  # one sequence: its exact context, no mask needed (the common single-user case)
+            return self._attend_one(q, k_cache, v_cache, metadata.block_tables[0], 1, metadata.seq_lens_host[0], scale)
         num_blocks = (max(metadata.seq_lens_host[:b]) + block_size - 1) // block_size
         table = metadata.block_tables[:b, :num_blocks].long()  # (B, M)
         k = k_cache[table].flatten(1, 2)  # (B, M*bs, Hkv, D)
@@ -79,26 +81,36 @@ class TorchBackend:
 
     def prefill(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         """q (Np, Hq, D): the prefill chunks (sequences num_decodes..B-1) -> (Np, Hq, D)."""
+        if metadata.num_seqs - metadata.num_decodes == 1:
+            b = metadata.num_seqs - 1
+            return self._attend_one(q, k_cache, v_cache, metadata.block_tables[b], metadata.query_lens[b], metadata.seq_lens_host[b], scale)
         out = torch.empty_like(q)
-        block_size = k_cache.shape[1]
         start = 0
         for b in range(metadata.num_decodes, metadata.num_seqs):
-            q_len, k_len = metadata.query_lens[b], metadata.seq_lens_host[b]
-            table = metadata.block_tables[b, : (k_len + block_size - 1) // block_size].long()
-            k = k_cache[table].flatten(0, 1)[:k_len]  # (Tk, Hkv, D)
-            v = v_cache[table].flatten(0, 1)[:k_len]
-            qb = q[start : start + q_len].transpose(0, 1)[None]  # (1, Hq, Tq, D)
-            kb, vb = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
-            if q_len == k_len:  # nothing cached before: plain causal
-                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
-            else:  # causal, bottom-right aligned: query i sees keys j <= i + (Tk - Tq)
-                rows = torch.arange(q_len, device=q.device)[:, None]
-                cols = torch.arange(k_len, device=q.device)[None, :]
-                mask = cols <= rows + (k_len - q_len)  # (Tq, Tk)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start : start + q_len] = o[0].transpose(0, 1)  # (Tq, Hq, D)
+            q_len = metadata.query_lens[b]
+            out[start : start + q_len] = self._attend_one(
+                q[start : start + q_len], k_cache, v_cache, metadata.block_tables[b], q_len, metadata.seq_lens_host[b], scale
+            )
             start += q_len
         return out
+
+    @staticmethod
+    def _attend_one(q, k_cache, v_cache, block_table, q_len: int, k_len: int, scale: float) -> torch.Tensor:
+        """One sequence: q (Tq, Hq, D), the last Tq of its k_len context tokens -> (Tq, Hq, D), causal."""
+        block_size = k_cache.shape[1]
+        table = block_table[: (k_len + block_size - 1) // block_size].long()
+        k = k_cache[table].flatten(0, 1)[:k_len]  # (Tk, Hkv, D)
+        v = v_cache[table].flatten(0, 1)[:k_len]
+        qb = q.transpose(0, 1)[None]  # (1, Hq, Tq, D)
+        kb, vb = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
+        if q_len == 1 or q_len == k_len:  # one query sees everything / nothing cached before: plain causal
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=q_len > 1, scale=scale, enable_gqa=True)
+        else:  # causal, bottom-right aligned: query i sees keys j <= i + (Tk - Tq)
+            rows = torch.arange(q_len, device=q.device)[:, None]
+            cols = torch.arange(k_len, device=q.device)[None, :]
+            mask = cols <= rows + (k_len - q_len)  # (Tq, Tk)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)  # (Tq, Hq, D)
 
 
 class TritonBackend:

@@ -279,11 +279,11 @@ class Engine:
             return outputs
 
         # Image features for the image tokens in this step; a failing image fails only its request.
-        rows, keep = [], []
+        images, keep = [], []
         for i, seq in enumerate(batch.seqs):
             start = seq.num_computed_tokens
             try:
-                rows.append(self.runner.image_rows(seq, start, start + batch.num_new_tokens[i]))
+                images.append(self.runner.image_inputs(seq, start, start + batch.num_new_tokens[i]))
                 keep.append(i)
             except Exception as e:  # noqa: BLE001 - reported on the request, the batch goes on
                 self.scheduler.finish(seq, "error", f"request {seq.seq_id}: image features failed: {type(e).__name__}: {e}")
@@ -300,7 +300,7 @@ class Engine:
                 self.stats.decode_tokens += n
             if seq.num_computed_tokens == seq.num_cached_tokens and seq.num_cached_tokens:
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
-        sampled = self.runner.execute(batch, rows)
+        sampled = self.runner.execute(batch, images)
         self.stats.steps += 1
         self.stats.vision_calls = self.runner.num_vision_calls
         self.scheduler.postprocess(batch, sampled)

@@ -4,8 +4,9 @@ A step is a flat list of N new tokens from B sequences (decodes first, then pref
     input_ids, positions, slot_mapping  # (N,)
     block_tables                        # (B, max_blocks) int32
     seq_lens, cu_seqlens_q              # (B,), (B + 1,) int32
-The model runs its stages directly: image rows -> `embed` -> `decode` (with `PagedAttention`) ->
-`logits` of the last token of each sequence that samples this step -> `Sampler`.
+The model runs stage by stage: token embeddings with image features at the prompt's `<image>`
+positions -> `decode` (with `PagedAttention`) -> `logits` of the last token of each sequence that
+samples this step -> `Sampler`.
 
 Image features are computed once per image (one vision-tower call for all its tiles) and kept in a
 small LRU cache keyed by the image's content hash, so a prompt prefilled in chunks, recomputed after
@@ -98,19 +99,22 @@ class ModelRunner:
             self.vision_cache.put(content_hash, features)
         return features
 
-    def image_rows(self, seq: Sequence, start: int, end: int) -> torch.Tensor | None:
-        """Features of the <image> tokens among positions [start, end) of `seq`, in order, or None."""
+    def image_inputs(self, seq: Sequence, start: int, end: int) -> tuple[list[int], torch.Tensor] | None:
+        """The prompt positions of the <image> tokens among [start, end) of `seq`, and their features
+        (len(positions), hidden), in order; None when the range holds no image token."""
+        positions: list[int] = []
         rows = []
         for span in seq.images:
             if span.end <= start or span.start >= end:
                 continue
-            positions = span.payload.token_positions
-            first, last = bisect.bisect_left(positions, start), bisect.bisect_left(positions, end)
+            own = span.payload.token_positions
+            first, last = bisect.bisect_left(own, start), bisect.bisect_left(own, end)
             if first < last:
+                positions.extend(own[first:last])
                 rows.append(self.image_features(span.content_hash, span.payload)[first:last])
         if not rows:
             return None
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        return positions, rows[0] if len(rows) == 1 else torch.cat(rows)
 
     # ------------------------------------------------------------------ one step
 
@@ -155,12 +159,13 @@ class ModelRunner:
         return ids, pos, metadata
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, image_rows: list[torch.Tensor | None]) -> list[int | None]:
-        """Run the model over the step's tokens; the sampled token of each entry that reaches its end, else None."""
+    def execute(
+        self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
+    ) -> list[int | None]:
+        """Run the model over the step's tokens; the sampled token of each entry that reaches its end, else None.
+        `images[i]`: entry i's image positions and features (from `image_inputs`), or None."""
         input_ids, positions, metadata = self.build_metadata(batch)  # (N,), (N,)
-        rows = [r for r in image_rows if r is not None]
-        features = torch.cat(rows)[None] if rows else None  # (1, R, hidden): model.embed checks R
-        embeds = self.model.embed(input_ids, features)  # (N, hidden)
+        embeds = self.embed(batch, input_ids, images)  # (N, hidden)
         attention = PagedAttention(self.kv_cache, metadata, self.backend, self.scale)
         hidden = self.model.decode(embeds, positions, attention)  # (N, hidden)
 
@@ -181,3 +186,29 @@ class ModelRunner:
         for i, token in zip(sampling, tokens):
             out[i] = token
         return out
+
+    def embed(
+        self, batch: ScheduledBatch, input_ids: torch.Tensor, images: list[tuple[list[int], torch.Tensor] | None]
+    ) -> torch.Tensor:
+        """Token embeddings, with image features written at the prompt's <image> positions.
+
+        Same result as `SmolVLM.embed` (transformers: inputs_merger), but the positions are the ones the
+        engine knows belong to images: a chunk may hold only part of an image, and a *generated*
+        `<image>` token (a random model can emit one) has no features and keeps its plain embedding,
+        as in transformers' `generate`, where only the prompt is merged.
+        """
+        embeds = self.model.model.text_model.embed_tokens(input_ids)  # (N, hidden)
+        flat_index: list[int] = []
+        rows = []
+        offset = 0
+        for seq, n, entry in zip(batch.seqs, batch.num_new_tokens, images):
+            if entry is not None:
+                start = seq.num_computed_tokens
+                flat_index.extend(offset + p - start for p in entry[0])
+                rows.append(entry[1])
+            offset += n
+        if rows:
+            index = torch.tensor(flat_index, dtype=torch.int64, device=embeds.device)
+            features = rows[0] if len(rows) == 1 else torch.cat(rows)  # (R, hidden)
+            embeds = embeds.index_copy(0, index, features.to(embeds.dtype))
+        return embeds
