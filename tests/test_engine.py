@@ -352,7 +352,26 @@ def test_stop_string_and_max_new_tokens(tiny_ckpt, conversations):
     assert len(stopped.token_ids) < 30
     pieces = list(engine.stream(conversations["text"], SamplingParams(max_new_tokens=30, stop=(stop,))))
     assert "".join(pieces) == cut
+    # a stop token ends the answer right after its first occurrence, the token included
+    token = full.token_ids[7]
+    [by_token] = engine.generate([conversations["text"]], SamplingParams(max_new_tokens=30, stop_token_ids=(token,)))
+    assert by_token.finish_reason == "stop"
+    assert by_token.token_ids == full.token_ids[: full.token_ids.index(token) + 1]
     assert_pool_empty(engine)
+
+
+def test_kv_cache_is_sized_from_the_memory_budget(tiny_ckpt):
+    from smolvlm.engine.kv_cache import KVCache
+
+    engine = make_engine(tiny_ckpt, num_kv_blocks=None, kv_cache_memory=1 << 20, block_size=8)
+    text = engine.model.config.text
+    per_block = 2 * text.num_hidden_layers * 8 * text.num_key_value_heads * text.head_dim * 4  # fp32
+    assert KVCache.bytes_per_block(text, 8, torch.float32) == per_block
+    assert engine.block_manager.num_blocks == (1 << 20) // per_block == engine.kv_cache.num_blocks
+    assert engine.kv_cache.num_bytes <= 1 << 20
+    k, v = engine.kv_cache.layer(1)
+    assert k.shape == v.shape == (engine.kv_cache.num_blocks, 8, text.num_key_value_heads, text.head_dim)
+    assert k.is_contiguous() and v.is_contiguous()
 
 
 def test_stream_pieces_add_up_to_the_text(tiny_ckpt, conversations):
