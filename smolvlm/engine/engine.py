@@ -107,7 +107,6 @@ class _Request:
         self.detokenizer = detokenizer
         self.emitted = 0  # characters of text already handed out
         self.stop_at: int | None = None  # text length cut by a stop string
-        self.result: GenerationResult | None = None
 
 
 class Engine:
@@ -129,7 +128,7 @@ class Engine:
         if processor is not None:
             try:
                 stop.add(processor.tokenizer.token_to_id("<end_of_utterance>"))
-            except Exception:  # a tokenizer without it: eos from generation_config only
+            except ValueError:  # ProcessorError: a tokenizer without it; eos from generation_config only
                 pass
         self.stop_token_ids = frozenset(stop)
 
