@@ -276,6 +276,20 @@ def test_paged_decode_mha_long_context_more_splits_than_needed():
         assert_close(f"decode long splits={splits}", out, ref)
 
 
+def test_paged_decode_wide_query_group():
+    """20 query heads on one KV head: the group no longer fits the 16-row minimum tile (BLOCK_G = 32)."""
+    g = torch.Generator().manual_seed(14)
+    context_lens = [45, 3]
+    k_cache, v_cache = paged_cache(8, 16, 1, torch.float16, g)
+    tables = scattered_block_tables(context_lens, 16, 8, g)
+    q = randn(2, 20, HEAD_DIM, dtype=torch.float16, generator=g)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    ref = R.reference_paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=SCALE)
+    for splits in (1, 2):
+        out = K.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=SCALE, num_splits=splits, out=poisoned(q))
+        assert_close(f"decode 20 query heads per kv head, splits={splits}", out, ref)
+
+
 def test_decode_equals_paged_prefill_with_one_query():
     g = torch.Generator().manual_seed(11)
     context_lens = [50, 7, 16]
