@@ -19,7 +19,7 @@ from torch import nn
 from smolvlm.config import SmolVLMConfig
 from smolvlm.connector import Connector
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
-from smolvlm.vision import VisionTransformer, patch_mask_from_pixels
+from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
 from smolvlm.weights import load_weights, resolve_checkpoint
 
 
@@ -77,21 +77,30 @@ class SmolVLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def image_features(
-        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        attention: VisionAttentionFn = sdpa_attention,
     ) -> torch.Tensor:
         """Tiles -> decoder-sized image tokens, (n_real_tiles, image_seq_len, hidden).
 
         pixel_values (B, N, 3, H, W) as the processor gives them (or (N, 3, H, W)); all-zero tiles
-        are batch padding and are dropped first (transformers: get_image_features).
+        are batch padding and are dropped first (transformers: get_image_features). `attention`:
+        the tower's attention (SDPA, or `smolvlm_kernels.masked_attention` on GPU).
         """
         tiles, pixel_mask = self._real_tiles(pixel_values, pixel_attention_mask)
         patch_mask = patch_mask_from_pixels(pixel_mask, self.config.vision.patch_size)  # (N, Hp, Wp)
-        patch_features = self.vision_features(tiles, patch_mask)  # (N, Hp*Wp, Dv)
+        patch_features = self.vision_features(tiles, patch_mask, attention)  # (N, Hp*Wp, Dv)
         return self.model.connector(patch_features)  # (N, image_seq_len, D)
 
-    def vision_features(self, tiles: torch.Tensor, patch_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def vision_features(
+        self,
+        tiles: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        attention: VisionAttentionFn = sdpa_attention,
+    ) -> torch.Tensor:
         """The SigLIP tower alone: (N, 3, H, W) -> (N, Hp*Wp, Dv)."""
-        return self.model.vision_model(tiles.to(self.dtype), patch_attention_mask)
+        return self.model.vision_model(tiles.to(self.dtype), patch_attention_mask, attention)
 
     def _real_tiles(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None

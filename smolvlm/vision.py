@@ -9,6 +9,8 @@ but are never attended to as keys.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,24 @@ def patch_position_ids(patch_attention_mask: torch.Tensor, patches_per_side: int
     return torch.where(patch_attention_mask.reshape(n, -1), ids, torch.zeros_like(ids))
 
 
+class VisionAttentionFn(Protocol):
+    """q/k/v (N, T, H, D), key_padding_mask (N, T) bool (True = real patch) or None -> (N, T, H, D)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_padding_mask: torch.Tensor | None, *, scale: float) -> torch.Tensor: ...
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_padding_mask: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+    """Bidirectional attention with key padding, PyTorch SDPA (the reference, any device).
+    The Triton equivalent is `smolvlm_kernels.masked_attention`, same arguments."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (N, 1, 1, T)
+    # (N, T, H, D) -> (N, H, T, D) and back
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -69,15 +89,14 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
         n, t, d = x.shape
-        # (N, T, D) -> (N, heads, T, head_dim)
-        q = self.q_proj(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        # key_mask (N, 1, 1, T): True = attend. Bidirectional: no causal mask.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=self.scale)
-        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+        # (N, T, D) -> (N, T, heads, head_dim)
+        q = self.q_proj(x).view(n, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, t, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(n, t, self.num_heads, self.head_dim)
+        out = attention(q, k, v, key_mask, scale=self.scale)  # (N, T, heads, head_dim), bidirectional
+        return self.out_proj(out.reshape(n, t, d))
 
 
 class VisionMLP(nn.Module):
@@ -101,8 +120,8 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), key_mask)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask, attention)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -111,9 +130,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, attention)
         return x
 
 
@@ -127,7 +146,12 @@ class VisionTransformer(nn.Module):
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        attention: VisionAttentionFn = sdpa_attention,
+    ) -> torch.Tensor:
         n, _, height, width = pixel_values.shape
         p = self.config.patch_size
         if patch_attention_mask is None:
@@ -135,8 +159,8 @@ class VisionTransformer(nn.Module):
         x = self.embeddings(pixel_values, patch_attention_mask)
         flat_mask = patch_attention_mask.reshape(n, -1)  # (N, T)
         # A mask only when some key is padding: the unmasked path is the common, faster one.
-        key_mask = None if bool(flat_mask.all()) else flat_mask[:, None, None, :]  # (N, 1, 1, T)
-        x = self.encoder(x, key_mask)
+        key_mask = None if bool(flat_mask.all()) else flat_mask  # (N, T), True = real patch
+        x = self.encoder(x, key_mask, attention)
         return self.post_layernorm(x)
 
 
