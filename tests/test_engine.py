@@ -420,3 +420,12 @@ def test_triton_backend_generates_the_same_tokens_as_torch(tiny_ckpt, conversati
         assert ours.error is None, f"{name}: {ours.error}"
         assert ours.token_ids == reference.token_ids, f"{name}: {first_difference(ours.token_ids, reference.token_ids)}"
     assert_pool_empty(engine)
+
+
+def test_attention_backend_choice():
+    from smolvlm.engine.attention import make_backend
+
+    assert make_backend("auto", torch.device("cpu")).name == "torch"
+    assert make_backend("torch", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="attention_backend must be"):
+        make_backend("flash", torch.device("cpu"))
