@@ -61,9 +61,16 @@ class TorchBackend:
         """q (B, Hq, D), one token per sequence -> (B, Hq, D)."""
         b = q.shape[0]
         block_size = k_cache.shape[1]
-        if b == 1:  # one sequence: its exact context, no mask needed (the common single-user case)
-            return self._attend_one(q, k_cache, v_cache, metadata.block_tables[0], 1, metadata.seq_lens_host[0], scale)
-        num_blocks = (max(metadata.seq_lens_host[:b]) + block_size - 1) // block_size
+        lens = metadata.seq_lens_host[:b]
+        if b == 1 or b * max(lens) > 2 * sum(lens) + 64 * b:
+            # One sequence, or lengths so uneven (a long video next to short chats) that padding every
+            # context to the longest would mostly copy padding: each sequence alone, exact context.
+            outs = [
+                self._attend_one(q[i : i + 1], k_cache, v_cache, metadata.block_tables[i], 1, lens[i], scale)
+                for i in range(b)
+            ]
+            return outs[0] if b == 1 else torch.cat(outs)
+        num_blocks = (max(lens) + block_size - 1) // block_size
         table = metadata.block_tables[:b, :num_blocks].long()  # (B, M)
         k = k_cache[table].flatten(1, 2)  # (B, M*bs, Hkv, D)
         v = v_cache[table].flatten(1, 2)
