@@ -26,13 +26,12 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def media(photos, short_video, tmp_path_factory):
+def media(photos, tmp_path_factory):
     directory = tmp_path_factory.mktemp("engine-media")
     paths = {}
     for name in ("astronaut", "coffee", "chelsea", "small"):
         paths[name] = directory / f"{name}.png"
         photos[name].convert("RGB").save(paths[name])
-    paths["video"] = short_video
     corrupt = directory / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     paths["corrupt"] = corrupt
@@ -50,12 +49,12 @@ def user(*items):
 
 
 @pytest.fixture(scope="module")
-def conversations(media):
+def conversations(media, short_video):
     return {
         "text": user("Write a long story about a cat and a dog."),
         "image": user(("image", media["astronaut"]), "What is in this picture?"),
         "multi_image": user(("image", media["coffee"]), "Compare these two images.", ("image", media["chelsea"])),
-        "video": user(("video", media["video"]), "What happens in this video?"),
+        "video": user(("video", short_video), "What happens in this video?"),
         "small_image": user(("image", media["small"]), "Hi"),
     }
 
@@ -186,9 +185,9 @@ def test_requests_join_while_others_decode(tiny_ckpt, conversations, alone):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_second_question_about_a_video_hits_the_cache(tiny_ckpt, media):
+def test_second_question_about_a_video_hits_the_cache(tiny_ckpt, short_video):
     params = SamplingParams(max_new_tokens=12)
-    video = ("video", media["video"])
+    video = ("video", short_video)
     first = user(video, "What happens in this video?")
     second = user(video, "What colour is the cup?")
     engine = make_engine(tiny_ckpt)
@@ -429,3 +428,36 @@ def test_attention_backend_choice():
     assert make_backend("torch", torch.device("cpu")).name == "torch"
     with pytest.raises(ValueError, match="attention_backend must be"):
         make_backend("flash", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with the device tool)")
+def test_cuda_engine_graphs_and_backends_agree(tiny_ckpt, media):
+    """On a GPU: decode steps replayed from CUDA graphs give the tokens of eager steps (fp32 and bf16),
+    and the triton and torch backends agree in fp32 (in bf16 their different rounding may flip a
+    near-tie of this random model); batches mix images, several images and text."""
+    conversations = {
+        "image": user(("image", media["astronaut"]), "What is in this picture?"),
+        "text": user("Write a long story about a cat and a dog."),
+        "multi_image": user(("image", media["coffee"]), "Compare these two images.", ("image", media["chelsea"])),
+        "small_image": user(("image", media["small"]), "Hi"),
+    }
+    names = list(conversations)
+    params = SamplingParams(max_new_tokens=24)
+    for dtype in (torch.float32, torch.bfloat16):
+        tokens = {}
+        for label, options in {
+            "triton+graphs": {"attention_backend": "triton", "cuda_graphs": True},
+            "triton": {"attention_backend": "triton", "cuda_graphs": False},
+            "torch": {"attention_backend": "torch"},
+        }.items():
+            engine = Engine.from_pretrained(tiny_ckpt, dtype=dtype, device="cuda", num_kv_blocks=256, max_num_seqs=8, **options)
+            assert (engine.runner.graphs is not None) == (label == "triton+graphs")
+            results = engine.generate([conversations[n] for n in names], params)
+            assert all(r.error is None for r in results), [r.error for r in results]
+            tokens[label] = [r.token_ids for r in results]
+            assert_pool_empty(engine)
+        for name, a, b, c in zip(names, tokens["triton+graphs"], tokens["triton"], tokens["torch"]):
+            assert a == b, f"{dtype} {name}: graphs vs eager: {first_difference(a, b)}"
+            if dtype == torch.float32:
+                assert b == c, f"{dtype} {name}: triton vs torch: {first_difference(b, c)}"

@@ -26,6 +26,7 @@ import torch
 
 from smolvlm.engine.attention import make_backend
 from smolvlm.engine.block_manager import BlockManager
+from smolvlm.engine.cuda_graphs import CudaGraphDecoder
 from smolvlm.engine.detokenizer import IncrementalDetokenizer
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.params import SamplingParams
@@ -89,6 +90,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
     attention_backend: str = "auto"
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
 
 
 @dataclass
@@ -141,7 +143,13 @@ class Engine:
         )
         self.sampler = Sampler(device)
         self.backend = make_backend(config.attention_backend, device)
-        self.runner = ModelRunner(model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory))
+        graphs = None
+        if config.cuda_graphs and device.type == "cuda" and self.backend.name == "triton":
+            scale = text.head_dim**-0.5
+            graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, config.max_num_seqs, self.max_model_len, scale)
+        self.runner = ModelRunner(
+            model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory), graphs
+        )
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
         self.last_result: GenerationResult | None = None  # of the last `stream` call

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from smolvlm.engine.attention import AttentionMetadata, PagedAttention
+from smolvlm.engine.cuda_graphs import CudaGraphDecoder
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampler import Sampler
 from smolvlm.engine.scheduler import ScheduledBatch
@@ -69,8 +70,17 @@ class VisionFeatureCache:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: KVCache, backend, sampler: Sampler, vision_cache: VisionFeatureCache):
+    def __init__(
+        self,
+        model,
+        kv_cache: KVCache,
+        backend,
+        sampler: Sampler,
+        vision_cache: VisionFeatureCache,
+        graphs: CudaGraphDecoder | None = None,
+    ):
         self.model = model
+        self.graphs = graphs  # replays decode-only steps on CUDA (cuda_graphs.py); None = always eager
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
@@ -165,16 +175,20 @@ class ModelRunner:
         """Run the model over the step's tokens; the sampled token of each entry that reaches its end, else None.
         `images[i]`: entry i's image positions and features (from `image_inputs`), or None."""
         input_ids, positions, metadata = self.build_metadata(batch)  # (N,), (N,)
-        embeds = self.embed(batch, input_ids, images)  # (N, hidden)
-        attention = PagedAttention(self.kv_cache, metadata, self.backend, self.scale)
-        hidden = self.model.decode(embeds, positions, attention)  # (N, hidden)
-
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
-        if not sampling:
-            return [None] * len(batch)
-        ends = list(itertools.accumulate(metadata.query_lens))  # entry i's last token is at ends[i] - 1
-        last = [ends[i] - 1 for i in sampling]
-        logits = self.model.logits(hidden[torch.tensor(last, device=self.device)]).float()  # (S, vocab)
+        decode_only = batch.num_decodes == len(batch) == len(sampling) and all(e is None for e in images)
+        if self.graphs is not None and decode_only and self.graphs.can_run(len(batch)):
+            # Every entry is one plain token and samples: the captured graph computes exactly this.
+            logits = self.graphs.run(input_ids, positions, metadata)  # (B, vocab)
+        else:
+            embeds = self.embed(batch, input_ids, images)  # (N, hidden)
+            attention = PagedAttention(self.kv_cache, metadata, self.backend, self.scale)
+            hidden = self.model.decode(embeds, positions, attention)  # (N, hidden)
+            if not sampling:
+                return [None] * len(batch)
+            ends = list(itertools.accumulate(metadata.query_lens))  # entry i's last token is at ends[i] - 1
+            last = [ends[i] - 1 for i in sampling]
+            logits = self.model.logits(hidden[torch.tensor(last, device=self.device)]).float()  # (S, vocab)
         seqs = [batch.seqs[i] for i in sampling]
         tokens = self.sampler(
             logits,
