@@ -2,7 +2,7 @@
 
 Read in this order: engine.py (the loop), scheduler.py and block_manager.py (bookkeeping, pure
 Python), runner.py (flat tensors, the model), attention.py and kv_cache.py (the paged cache),
-sampler.py, detokenizer.py.
+sampler.py, detokenizer.py, cuda_graphs.py (decode steps replayed on GPU).
 """
 
 from smolvlm.engine.engine import (
