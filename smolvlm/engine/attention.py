@@ -148,6 +148,16 @@ class TritonBackend:
         )
 
 
+def vision_attention_for(backend, device: torch.device, head_dim: int):
+    """The vision tower's attention to go with `backend`: the Triton masked-attention kernel on CUDA
+    when it takes this head size (a power of two in 16..256), else None (the tower's SDPA default;
+    also under the CPU interpreter, where the kernel would only be slow)."""
+    supported = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    if backend.name == "triton" and device.type == "cuda" and supported:
+        return backend.kernels.masked_attention
+    return None
+
+
 def make_backend(name: str, device: torch.device) -> TorchBackend | TritonBackend:
     if name == "torch":
         return TorchBackend()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smolvlm.engine.attention import AttentionMetadata, PagedAttention
+from smolvlm.engine.attention import AttentionMetadata, PagedAttention, vision_attention_for
 from smolvlm.engine.cuda_graphs import CudaGraphDecoder
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampler import Sampler
@@ -88,6 +88,7 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.scale = model.config.text.head_dim**-0.5
+        self.vision_attention = vision_attention_for(backend, self.device, model.config.vision.head_dim)
         self.num_vision_calls = 0
 
     # ------------------------------------------------------------------ images
@@ -98,7 +99,10 @@ class ModelRunner:
         if features is None:
             pixels = payload.pixel_values.to(self.device)
             mask = None if payload.pixel_attention_mask is None else payload.pixel_attention_mask.to(self.device)
-            features = self.model.image_features(pixels, mask)  # (n_tiles, image_seq_len, hidden)
+            if self.vision_attention is None:
+                features = self.model.image_features(pixels, mask)  # (n_tiles, image_seq_len, hidden)
+            else:
+                features = self.model.image_features(pixels, mask, attention=self.vision_attention)
             self.num_vision_calls += 1
             features = features.reshape(-1, features.shape[-1])  # (n_tiles * image_seq_len, hidden)
             if features.shape[0] != len(payload.token_positions):
