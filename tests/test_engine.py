@@ -430,6 +430,22 @@ def test_attention_backend_choice():
         make_backend("flash", torch.device("cpu"))
 
 
+def test_vision_attention_choice():
+    """The vision tower gets the Triton kernel only with the triton backend, on CUDA, for head sizes
+    the kernel takes (checked on a GPU: features within 4e-6 of SDPA at the real shape, same tokens)."""
+    from types import SimpleNamespace
+
+    from smolvlm.engine.attention import TorchBackend, vision_attention_for
+
+    kernel = object()
+    triton = SimpleNamespace(name="triton", kernels=SimpleNamespace(masked_attention=kernel))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert vision_attention_for(triton, cuda, 64) is kernel
+    assert vision_attention_for(triton, cuda, 8) is None  # the tiny checkpoint's vision heads
+    assert vision_attention_for(triton, cpu, 64) is None  # the interpreter would only be slow
+    assert vision_attention_for(TorchBackend(), cuda, 64) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with the device tool)")
 def test_cuda_engine_graphs_and_backends_agree(tiny_ckpt, media):
