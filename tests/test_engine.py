@@ -248,6 +248,8 @@ def test_cached_image_features_with_a_different_prefix(tiny_ckpt, media):
     calls = engine.stats.vision_calls
     [b] = engine.generate([user("Second one:", ("image", media["astronaut"]))], params)
     assert engine.stats.vision_calls == calls
+    cached = list(engine.runner.vision_cache.entries.values())
+    assert cached and not any(f.requires_grad for f in cached), "cached features hold an autograd graph"
     [expected] = make_engine(tiny_ckpt).generate([user("Second one:", ("image", media["astronaut"]))], params)
     assert b.token_ids == expected.token_ids
 

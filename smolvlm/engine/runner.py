@@ -93,6 +93,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ images
 
+    @torch.inference_mode()  # no autograd graph: a cached feature tensor must not keep the tower's activations alive
     def image_features(self, content_hash: str, payload: ImagePayload) -> torch.Tensor:
         """(n_tiles * image_seq_len, hidden) for one image, from the cache or the vision tower."""
         features = self.vision_cache.get(content_hash)
