@@ -29,6 +29,18 @@ once into the hub cache (HF_HOME) with a progress bar. Offline, point --model at
 directory holding config.json, model.safetensors and the tokenizer/processor files.
 """ % DEFAULT_MODEL
 
+EPILOG = """\
+examples:
+  smolvlm run --image photo.jpg "What is in this picture?"
+  smolvlm run --image a.png --image b.png "What differs between these images?"
+  smolvlm run --video clip.mp4 --video-max-frames 16 "Describe the video."
+  smolvlm run --model ./SmolVLM2-256M-Video-Instruct --dtype bfloat16 -t 0.7 --seed 1 "Tell me a joke."
+
+The first run downloads the model into the Hugging Face cache (HF_HOME); offline, --model must
+name a local checkpoint directory (config.json, model.safetensors, tokenizer and processor files).
+Errors print one line and exit with status 1; --debug prints the traceback.
+"""
+
 CHAT_HELP = """\
 Type a question and press Enter. Commands:
   /image PATH   attach an image to the next question
@@ -80,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat}")
     run = commands.add_parser("run", parents=[common], help="answer one prompt, streamed to stdout",
-                              description="Answer one prompt about the given images / video, streamed to stdout.")
+                              description="Answer one prompt about the given images / video, streamed to stdout.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("prompt", help="the question or instruction")
     commands.add_parser("chat", parents=[common], help="a conversation: one question per line on stdin",
                         description="A conversation: each line on stdin is a question; the answers stream to "
                                     "stdout. Earlier turns (and their images) stay cached.\n\n" + CHAT_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
