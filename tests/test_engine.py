@@ -381,6 +381,7 @@ def test_stream_pieces_add_up_to_the_text(tiny_ckpt, conversations):
     pieces = list(engine.stream(conversations["image"], params))
     [result] = engine.generate([conversations["image"]], params)
     assert len(pieces) > 1 and "".join(pieces) == result.text
+    assert 0 < result.time_to_first_token <= result.total_time
     # closing a stream early returns its blocks
     stream = engine.stream(conversations["video"], params)
     next(stream)

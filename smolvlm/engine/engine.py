@@ -18,6 +18,7 @@ content hashes) directly.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,6 +71,8 @@ class GenerationResult:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
+    time_to_first_token: float | None = None  # seconds from add_request to the first sampled token
+    total_time: float | None = None  # seconds from add_request to the end
 
 
 @dataclass
@@ -108,6 +111,8 @@ class _Request:
         self.seq = seq
         self.detokenizer = detokenizer
         self.emitted = 0  # characters of text already handed out
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
         self.stop_at: int | None = None  # text length cut by a stop string
 
 
@@ -316,6 +321,8 @@ class Engine:
             if token is None:
                 continue
             request = self.requests[seq.seq_id]
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
             text = self._on_token(request, token)
             if seq.is_finished:
                 outputs.append(self._finalize(seq))
@@ -367,6 +374,9 @@ class Engine:
             error=seq.error,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            time_to_first_token=None if request is None or request.first_token_at is None
+            else request.first_token_at - request.arrival,
+            total_time=None if request is None else time.perf_counter() - request.arrival,
         )
         return StepOutput(seq.seq_id, text[emitted:], result)
 
