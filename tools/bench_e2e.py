@@ -4,6 +4,8 @@
     python tools/bench_e2e.py --quick               # smoke run: short answers, light scenarios, 1 repeat
     python tools/bench_e2e.py --dtype bf16 --scenarios text photo --repeats 3 \
         --json out.json --markdown out.md --model DIR
+    python tools/bench_e2e.py --profile profile.txt --dtype bf16   # where smolvlm's time goes
+    python tools/bench_e2e.py --from-json out.json --markdown out.md  # re-summarise saved samples
 
 What runs. For each dtype and scenario, two fresh child processes, one per framework (`multiprocessing`
 with "spawn": a child imports only its own framework, so its peak resident memory is its own). Both are
@@ -42,7 +44,11 @@ How the two sides are driven:
                   processor (the parity reference; identical tensors to ours), videos decoded with
                   `load_video(backend="decord")` (torchcodec is not installed), `generate(do_sample=False)`
                   with a streamer that stamps the first new token; batches are left-padded.
-Greedy token ids of both sides are kept, and the table says whether they agree.
+Greedy token ids of both sides are kept, and the table says whether they agree (up to smolvlm's first
+stop token: past it, `ignore_eos` and `min_new_tokens` continue differently by design).
+
+This machine is shared: before each sample the parent waits (up to --quiet-wait s) for other processes
+to leave the CPU idle, and records how much CPU they took during the sample anyway (`others_cpu`).
 
 Memory bandwidth: STREAM-like copy / scale-add / read (sum) over 256 MiB fp32 buffers with the same thread
 count; the decode limit is bandwidth / (bytes read per generated token: decoder + lm_head weights + the
@@ -579,6 +585,28 @@ def kv_bytes_per_token(text_config: dict, context: float, element_size: int) -> 
 # =============================================================================================
 
 
+def stop_tokens(model_dir: Path) -> set[int]:
+    """`<end_of_utterance>` (49279 in SmolVLM2's vocabulary) and generation_config.json's eos."""
+    stop = {49279}
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        stop.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return stop
+
+
+def rerender(path: Path) -> dict:
+    """A saved --json report with its medians and comparisons recomputed (after a change to `summarise`)."""
+    report = json.loads(path.read_text())
+    model = Path(report["model"])
+    text_config = json.loads((model / "config.json").read_text())["text_config"]
+    for dtype_name, run in report["runs"].items():
+        weights = run["children"]["smolvlm"][0]["weight_bytes_per_token"]
+        element_size = 2 if dtype_name == "bf16" else 4
+        run["summary"] = summarise(run, weights, report["bandwidth"]["bandwidth_gb_s"], text_config, element_size, stop_tokens(model))
+    return report
+
+
 def median(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -619,11 +647,13 @@ def run_benchmark(args) -> dict:
         for dtype_name in args.dtypes:
             element_size = 2 if dtype_name == "bf16" else 4
             run = {"children": {f: [] for f in FRAMEWORKS}, "samples": {}, "peak_rss_mb": {}}
+            report["runs"][dtype_name] = run
             for scenario in scenarios:
                 run_scenario(scenario, dtype_name, args, media, options, run)
+                if args.json:  # partial results survive an interrupted run
+                    args.json.write_text(json.dumps(report, indent=1, default=str))
             weights = run["children"]["smolvlm"][0]["weight_bytes_per_token"]
-            run["summary"] = summarise(run, weights, bandwidth["bandwidth_gb_s"], text_config, element_size)
-            report["runs"][dtype_name] = run
+            run["summary"] = summarise(run, weights, bandwidth["bandwidth_gb_s"], text_config, element_size, stop_tokens(args.model))
     report["machine"]["load_average_end"] = os.getloadavg()
     return report
 
@@ -638,6 +668,19 @@ def cpu_jiffies(pid: int | None = None) -> tuple[int, int]:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
     return sum(values) - idle, sum(values)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 0.5) -> float:
+    """Wait (at most `max_wait_s`) until the machine's CPU is < `threshold` busy over a short window
+    (our children are idle then, so what is busy is someone else). Returns the seconds waited."""
+    start = time.perf_counter()
+    while True:
+        busy0, total0 = cpu_jiffies()
+        time.sleep(window_s)
+        busy1, total1 = cpu_jiffies()
+        waited = time.perf_counter() - start
+        if (busy1 - busy0) / max(1, total1 - total0) < threshold or waited >= max_wait_s:
+            return waited
 
 
 def run_scenario(scenario: Scenario, dtype_name: str, args, media: dict[str, Path], options: dict, run: dict) -> None:
@@ -656,6 +699,7 @@ def run_scenario(scenario: Scenario, dtype_name: str, args, media: dict[str, Pat
             order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
             for framework in order:
                 child = children[framework]
+                waited = wait_for_quiet(args.quiet_wait)
                 start = time.perf_counter()
                 busy0, total0 = cpu_jiffies()
                 own0, _ = cpu_jiffies(child.process.pid)
@@ -664,7 +708,7 @@ def run_scenario(scenario: Scenario, dtype_name: str, args, media: dict[str, Pat
                 own1, _ = cpu_jiffies(child.process.pid)
                 others = max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
                 for name, sample in zip(scenario.report_names, out["samples"]):
-                    sample.update(repeat=repeat, others_cpu=others, load_average=os.getloadavg()[0])
+                    sample.update(repeat=repeat, others_cpu=others, load_average=os.getloadavg()[0], waited_for_quiet_s=waited)
                     run["samples"].setdefault(name, {}).setdefault(framework, []).append(sample)
                     run["peak_rss_mb"].setdefault(name, {}).setdefault(framework, []).append(out["peak_rss_mb"])
                 print(f"[{dtype_name}] {scenario.name:8} repeat {repeat} {framework:12} {time.perf_counter() - start:7.1f} s "
@@ -697,7 +741,16 @@ def short_summary(samples: list[dict]) -> str:
 METRICS = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s", "batch_tok_s")
 
 
-def summarise(run: dict, weight_bytes: int, bandwidth_gb_s: float, text_config: dict, element_size: int) -> dict:
+def same_answer(ours: list[int], theirs: list[int], stop_token_ids: set[int]) -> bool:
+    """Greedy parity up to smolvlm's first stop token. Past it the runs differ by design: smolvlm
+    (`ignore_eos`) emits the stop token and goes on, transformers (`min_new_tokens`) masks it and
+    takes the next best token."""
+    end = next((i for i, t in enumerate(ours) if t in stop_token_ids), len(ours))
+    return ours[:end] == theirs[:end]
+
+
+def summarise(run: dict, weight_bytes: int, bandwidth_gb_s: float, text_config: dict, element_size: int,
+              stop_token_ids: set[int]) -> dict:
     summary = {}
     for name, by_framework in run["samples"].items():
         row = {}
@@ -710,7 +763,10 @@ def summarise(run: dict, weight_bytes: int, bandwidth_gb_s: float, text_config: 
             row[framework] = medians
         ours, theirs = by_framework.get("smolvlm", []), by_framework.get("transformers", [])
         if ours and theirs:
-            row["same_tokens"] = all(a["token_ids"] == b["token_ids"] for a, b in zip(ours, theirs))
+            pairs = [(a["token_ids"], b["token_ids"]) for a, b in zip(ours, theirs)]
+            if pairs and isinstance(pairs[0][0][0], list):  # a batch: one list per request
+                pairs = [(x, y) for a, b in pairs for x, y in zip(a, b)]
+            row["same_tokens"] = all(same_answer(a, b, stop_token_ids) for a, b in pairs)
         prompt = row.get("smolvlm", {}).get("prompt_tokens")
         new = ours[0]["new_tokens"] if ours else 0
         if prompt is not None and name != "batch8":
@@ -734,7 +790,7 @@ def summarise(run: dict, weight_bytes: int, bandwidth_gb_s: float, text_config: 
 
 
 def fmt_pair(ours, theirs, unit: str, higher_is_better: bool) -> str:
-    if ours is None or theirs is None:
+    if ours is None or theirs is None or (ours == 0 and theirs == 0):
         return "-"
     if higher_is_better:
         ratio = ours / theirs if theirs else float("inf")
@@ -805,6 +861,50 @@ def markdown(report: dict) -> str:
 
 
 # =============================================================================================
+# --profile: where smolvlm's time goes (no transformers involved)
+# =============================================================================================
+
+
+def profile_smolvlm(args) -> str:
+    """torch.profiler (ops) and cProfile (Python functions) over one decode-heavy text answer and one
+    photo's time to first token, smolvlm only, in this process. Returns a markdown-ready report."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, DTYPES[args.dtypes[0]])
+    runner = SmolvlmRunner(args.model, dtype, {})
+    sections = [f"smolvlm profile, {args.dtypes[0]}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        media = write_media(Path(tmp))
+        runner.warm_up(media)
+        cases = [
+            ("text answer, 64 tokens (decode-heavy)", user(text(TEXT_QUESTIONS[0])), 64),
+            ("photo, time to first token (17 tiles)", user({"type": "image", "path": str(media["astronaut"])}, text("Can you describe this image?")), 1),
+        ]
+        for title, conversation, n in cases:
+            engine = runner.fresh_engine()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                metrics = runner.one_request(engine, conversation, n, {})
+            ops = prof.key_averages(group_by_input_shape=False).table(sort_by="self_cpu_time_total", row_limit=12)
+            engine = runner.fresh_engine()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            runner.one_request(engine, conversation, n, {})
+            profiler.disable()
+            stream = io.StringIO()
+            pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(15)
+            functions = "\n".join(line for line in stream.getvalue().splitlines() if line.strip())
+            summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+            sections.append(f"## {title}\n{summary}\n\ntorch ops by self CPU time:\n{ops}\nPython functions by own time (cProfile):\n{functions}")
+    return "\n\n".join(sections)
+
+
+# =============================================================================================
 
 
 def parse_args(argv: list[str] | None):
@@ -818,7 +918,14 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     parser.add_argument("--quick", action="store_true", help="smoke run: short answers, text/photo/video12/batch8, 1 repeat")
     parser.add_argument("--smolvlm-kv-cache-mb", type=int, default=None, help="smolvlm KV-cache budget (default: the engine's)")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="before each sample, wait up to this many seconds for other processes to leave the CPU idle")
+    parser.add_argument("--from-json", type=Path, default=None, help="measure nothing: re-summarise a saved --json report")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="instead of the comparison: profile smolvlm (first --dtype) and write the report to this file")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return args
     args.dtypes = ["bf16", "fp32"] if args.dtype == "both" else [args.dtype]
     if args.scenarios is None:
         args.scenarios = ["text", "photo", "video12", "batch8"] if args.quick else list(ALL_SCENARIOS)
@@ -835,7 +942,12 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))  # children (spawned) re-import this file; smolvlm from the checkout
-    report = run_benchmark(args)
+    if args.profile:
+        text_report = profile_smolvlm(args)
+        args.profile.write_text(text_report)
+        print(text_report)
+        return 0
+    report = rerender(args.from_json) if args.from_json else run_benchmark(args)
     table = markdown(report)
     print("\n" + table)
     if args.json:
