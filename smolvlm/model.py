@@ -64,6 +64,7 @@ class SmolVLM(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
+        model.model.text_model.fuse_projections()  # one matmul for q/k/v, one for gate/up (text.py)
         return model.eval()
 
     # ------------------------------------------------------------------ stages

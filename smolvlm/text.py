@@ -12,6 +12,13 @@ compute it itself: every layer calls an *attention function* passed in by the ca
 
 where `...` is whatever token layout the caller uses ((B, T) here, flat (N,) in the engine).
 `CausalAttention` below is the plain one.
+
+Fused projections (speed, not a different function): after loading, `TextModel.fuse_projections()`
+concatenates the weights listed in FUSED_PROJECTIONS into one matrix per group, so a decode step runs
+one matrix-vector product where it ran three (q/k/v) or two (gate/up). The checkpoint's parameters
+stay, as views into the fused matrix: `layers[i].self_attn.q_proj.weight` is still the checkpoint's
+tensor (same name, same memory), so in-place edits of it are seen by the fused path. Replacing a
+parameter object after fusing is not: call `fuse_projections()` again.
 """
 
 from __future__ import annotations
@@ -23,6 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import TextConfig
+
+
+# fused matrix -> the checkpoint's projections it concatenates (rows in this order)
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_weight": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_weight": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 class AttentionFn(Protocol):
@@ -37,11 +51,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 island: the variance and the normalisation run in fp32, the weight multiplies in the
-        # input dtype (transformers: LlamaRMSNorm.forward).
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # input dtype (transformers: LlamaRMSNorm.forward). F.rms_norm without a weight is the same
+        # x * rsqrt(mean(x^2) + eps), in one op (bitwise equal on CPU, checked in tests).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,13 +97,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # ((Hq + 2 Hkv) * D, hidden), set by fuse_projections
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, T) or (N,)
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # (..., Hq, D)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)  # (..., Hkv, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hq, hkv = self.num_heads, self.num_kv_heads
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
+            qk = apply_rotary(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated together
+            q, k, v = qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv :, :]
+        else:
+            q = self.q_proj(x).view(*lead, hq, self.head_dim)  # (..., Hq, D)
+            k = self.k_proj(x).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
+            v = self.v_proj(x).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(self.layer_idx, q, k, v)  # (..., Hq, D)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -103,8 +123,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # (2 * intermediate, hidden), set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -131,6 +155,22 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate q/k/v and gate/up weights (FUSED_PROJECTIONS); the originals become views of them."""
+        for layer in self.layers:
+            for fused_name, parts in FUSED_PROJECTIONS.items():
+                owner_name, attr = fused_name.rsplit(".", 1)
+                owner = layer.get_submodule(owner_name)
+                linears = [layer.get_submodule(p) for p in parts]
+                fused = torch.cat([lin.weight for lin in linears])  # (sum of out_features, hidden)
+                start = 0
+                for lin in linears:
+                    rows = lin.weight.shape[0]
+                    lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=lin.weight.requires_grad)
+                    start += rows
+                setattr(owner, attr, fused)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden)."""
