@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from smolvlm.config import SmolVLMConfig
+from smolvlm.linear import Linear
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
 class ModalityProjection(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.proj = nn.Linear(in_features, out_features, bias=False)
+        self.proj = Linear(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)

@@ -18,6 +18,7 @@ from torch import nn
 
 from smolvlm.config import SmolVLMConfig
 from smolvlm.connector import Connector
+from smolvlm.linear import Linear
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
 from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
 from smolvlm.weights import load_weights, resolve_checkpoint
@@ -42,7 +43,7 @@ class SmolVLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = SmolVLMModel(config)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     # ------------------------------------------------------------------ loading
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import TextConfig
+from smolvlm.linear import Linear, linear, scaled_dot_product_attention
 
 
 # fused matrix -> the checkpoint's projections it concatenates (rows in this order)
@@ -93,17 +94,17 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # ((Hq + 2 Hkv) * D, hidden), set by fuse_projections
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, T) or (N,)
         hq, hkv = self.num_heads, self.num_kv_heads
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
+            qkv = linear(x, self.qkv_weight).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
             qk = apply_rotary(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated together
             q, k, v = qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv :, :]
         else:
@@ -120,14 +121,14 @@ class MLP(nn.Module):
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # (2 * intermediate, hidden), set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -202,7 +203,7 @@ class CausalAttention:
         # (B, T, H, D) -> (B, H, T, D) for SDPA; KV heads are shared by groups of query heads (GQA).
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+            out = scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
         return out.transpose(1, 2)  # (B, T, Hq, D)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import VisionConfig
+from smolvlm.linear import Linear, scaled_dot_product_attention
 
 
 def patch_position_ids(patch_attention_mask: torch.Tensor, patches_per_side: int) -> torch.Tensor:
@@ -55,8 +56,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The Triton equivalent is `smolvlm_kernels.masked_attention`, same arguments."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (N, 1, 1, T)
     # (N, T, H, D) -> (N, H, T, D) and back
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
+    out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -84,10 +85,10 @@ class VisionAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
         n, t, d = x.shape
@@ -102,8 +103,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.approximate = "tanh" if config.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

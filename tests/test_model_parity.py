@@ -21,13 +21,30 @@ transformers = pytest.importorskip("transformers")
 # fp32: same operations in the same order as transformers; 1e-3 is the issue's bound for logits, and
 # the per-stage bounds are the same order (random-weight activations are O(1)-O(10)).
 FP32_ATOL = 1e-3
-# bf16 has an 8-bit significand: one rounding is a relative error of up to 2^-9 ~ 0.002. We run the
-# same ops in the same order as transformers, and on this CPU (2026-11, torch 2.14.1) every stage
-# matched bit for bit (max abs diff 0.0) in fp32 and bf16. The bounds leave room for kernels that
-# reorder reductions (other CPUs, thread counts, oneDNN versions): a few roundings at the logit scale
-# (|logits| ~ 10-30 -> ~0.05 each), compounded over 2 (tiny) or 30 (real) decoder layers.
-BF16_LOGITS_ATOL = {"tiny": 0.05, "real": 0.25, "grafted": 0.25}
-BF16_STAGE_ATOL = {"vision": 0.1, "connector": 0.1}
+# bf16: our large matmuls run as fp32 GEMMs rounded once to bf16 (smolvlm/linear.py: the same
+# function as a bf16 GEMM up to summation order, and ~1.7x faster on this CPU), so we do not match
+# transformers' bf16 bit for bit, and bit-level differences grow through 12 + 30 layers (on the
+# grafted model with images, transformers' own bf16 logits are up to ~8 away from its fp32 logits).
+# The meaningful bar is accuracy: against the fp32 model (which matches transformers' fp32 to 1e-3,
+# tests above), our bf16 error may be no larger than transformers' bf16 error, in max and in mean,
+# with a 25% margin for the luck of roundings. Prompts under 64 tokens keep the bf16 kernels and
+# must match transformers' bf16 closely.
+BF16_MARGIN = 1.25
+BF16_TEXT_ATOL = 0.05
+
+
+def assert_bf16_as_accurate(name: str, ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor) -> None:
+    """ours/theirs: bf16 results; truth: the fp32 result. Our error must not exceed theirs (x margin)."""
+    assert ours.shape == theirs.shape == truth.shape, f"{name}: shapes {ours.shape}, {theirs.shape}, {truth.shape}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values in ours"
+    ours_err = (ours.float() - truth.float()).abs()
+    their_err = (theirs.float() - truth.float()).abs()
+    tiny = 1e-2 * float(truth.abs().mean())  # both errors ~0 (e.g. identical kernels): no ratio to take
+    for stat, a, b in (("max", ours_err.max(), their_err.max()), ("mean", ours_err.mean(), their_err.mean())):
+        assert float(a) <= BF16_MARGIN * float(b) + tiny, (
+            f"{name}: our bf16 {stat} abs error vs fp32 is {float(a):.4g}, transformers' bf16 is {float(b):.4g} "
+            f"(allowed {BF16_MARGIN} x theirs + {tiny:.2g}); our worst at {tuple(int(i) for i in torch.unravel_index(ours_err.argmax(), ours_err.shape))}"
+        )
 
 
 def _hf_model(ckpt, dtype):
@@ -44,7 +61,7 @@ def models(request):
     def get(kind: str, dtype: torch.dtype):
         key = (kind, dtype)
         if key not in cache:
-            if len(cache) >= 2:  # keep at most two real-shape pairs in memory
+            if len(cache) >= 3:  # keep at most three model pairs in memory
                 cache.pop(next(iter(cache)))
             ckpt = request.getfixturevalue(f"{kind}_ckpt")
             cache[key] = (SmolVLM.from_pretrained(ckpt, dtype=dtype), _hf_model(ckpt, dtype), ckpt)
@@ -76,14 +93,41 @@ def _batch(ckpt, photos, split: bool):
     return batch
 
 
-def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True):
+def _compare_bf16_accuracy(ours, theirs, truth, batch):
+    """bf16: each stage of ours and of transformers against our fp32 model (= transformers' fp32)."""
+    valid = batch["attention_mask"].bool()
+    pv, pam, ids = batch["pixel_values"], batch["pixel_attention_mask"], batch["input_ids"]
+    with torch.no_grad():
+        tiles, pixel_mask = truth._real_tiles(pv, pam)
+        assert tiles.shape[0] < pv.shape[0] * pv.shape[1], "the batch should contain a padding frame"
+        patch_mask = patch_mask_from_pixels(pixel_mask, truth.config.vision.patch_size)
+        assert_bf16_as_accurate(
+            "vision tower",
+            ours.vision_features(tiles, patch_mask),
+            theirs.model.vision_model(pixel_values=tiles.bfloat16(), patch_attention_mask=patch_mask).last_hidden_state,
+            truth.vision_features(tiles, patch_mask),
+        )
+        assert_bf16_as_accurate(
+            "image features",
+            ours.image_features(pv, pam).flatten(0, 1),
+            torch.cat(theirs.model.get_image_features(pv.bfloat16(), pam).pooler_output),
+            truth.image_features(pv, pam).flatten(0, 1),
+        )
+        kwargs = dict(attention_mask=batch["attention_mask"])
+        ref = theirs(input_ids=ids, position_ids=batch["position_ids"], pixel_values=pv.bfloat16(),
+                     pixel_attention_mask=pam, **kwargs).logits
+        assert_bf16_as_accurate("logits", ours(ids, pv, pam, **kwargs)[valid], ref[valid], truth(ids, pv, pam, **kwargs)[valid])
+
+
+def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True, truth=None):
     """Each stage on the same input as the reference's; `end_to_end` also runs both full forwards
-    (every vision tower run costs seconds at the real shape, so real-shape tests compose the stages)."""
+    (every vision tower run costs seconds at the real shape, so real-shape tests compose the stages).
+    bf16 is judged by accuracy against the fp32 model instead (see BF16_MARGIN)."""
+    if dtype == torch.bfloat16:
+        return _compare_bf16_accuracy(ours, theirs, truth, batch)
     valid = batch["attention_mask"].bool()
     pv, pam = batch["pixel_values"], batch["pixel_attention_mask"]
-    bf16 = dtype == torch.bfloat16
-    stage_tol = BF16_STAGE_ATOL["vision"] if bf16 else FP32_ATOL
-    logits_tol = BF16_LOGITS_ATOL[kind] if bf16 else FP32_ATOL
+    stage_tol = logits_tol = FP32_ATOL
     with torch.no_grad():
         # 1. vision tower, on the real (non-padding) tiles
         tiles, pixel_mask = ours._real_tiles(pv.to(dtype), pam)
@@ -121,17 +165,17 @@ def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True):
         else:
             got_logits = ours.logits(ours.decode(got_embeds, batch["position_ids"], attention))
             assert_close("logits (our stages end to end)", got_logits[valid], ref_logits[valid], logits_tol)
-        if not bf16:
-            assert_same_argmax("logits", got_logits[valid], ref_logits[valid])
+        assert_same_argmax("logits", got_logits[valid], ref_logits[valid])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tiny_split_photos(models, photos, dtype):
     """Real photos split into tiles (up to 4x4 + global per image) in a left-padded batch of two."""
     ours, theirs, ckpt = models("tiny", dtype)
+    truth = models("tiny", torch.float32)[0]
     batch = _batch(ckpt, photos, split=True)
     assert batch["pixel_values"].shape[1] > 5, "photos should be split into several tiles"
-    _compare_stages(ours, theirs, batch, dtype, "tiny")
+    _compare_stages(ours, theirs, batch, dtype, "tiny", truth=truth)
 
 
 def _pad_inside_tiles(batch, tile_size):
@@ -153,17 +197,19 @@ def _pad_inside_tiles(batch, tile_size):
 def test_tiny_partial_tiles(models, photos, dtype):
     """Tiles that are partly padding: bucketised position ids and the vision key-padding mask."""
     ours, theirs, ckpt = models("tiny", dtype)
+    truth = models("tiny", torch.float32)[0]
     batch = _pad_inside_tiles(_batch(ckpt, photos, split=False), ours.config.vision.image_size)
-    _compare_stages(ours, theirs, batch, dtype, "tiny")
+    _compare_stages(ours, theirs, batch, dtype, "tiny", truth=truth)
 
 
 @pytest.mark.parametrize("kind", ["real", "grafted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_real_shape_images(models, photos, kind, dtype):
     ours, theirs, ckpt = models(kind, dtype)
+    truth = models(kind, torch.float32)[0] if dtype == torch.bfloat16 else None
     # 3 tiles of 512^2 + a padding frame keeps CI time sane; two tiles partly padded inside.
     batch = _pad_inside_tiles(_batch(ckpt, photos, split=False), ours.config.vision.image_size)
-    _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=False)
+    _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=False, truth=truth)
 
 
 def _chat_ids(ckpt, questions):
@@ -198,12 +244,13 @@ def test_grafted_text_argmax_every_position(models, dtype):
         assert_close("grafted text logits", got[valid], ref[valid], FP32_ATOL)
         assert_same_argmax("grafted text logits", got[valid], ref[valid])
     else:
-        assert_close("grafted text logits bf16", got[valid], ref[valid], BF16_LOGITS_ATOL["grafted"])
+        # short prompts (< 64 tokens) keep the bf16 kernels: close to transformers' bf16 itself
+        assert_close("grafted text logits bf16", got[valid], ref[valid], BF16_TEXT_ATOL)
         # Near-ties may flip in bf16; where the argmax differs, the two top logits must be within tolerance.
         a, b = got[valid].argmax(-1), ref[valid].argmax(-1)
         for i in (a != b).nonzero().flatten().tolist():
             gap = float(ref[valid][i, b[i]] - ref[valid][i, a[i]])
-            assert gap <= BF16_LOGITS_ATOL["grafted"], f"bf16 argmax flip at {i} with reference gap {gap}"
+            assert gap <= BF16_TEXT_ATOL, f"bf16 argmax flip at {i} with reference gap {gap}"
         assert (a == b).float().mean() > 0.95
 
 

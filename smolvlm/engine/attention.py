@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.linear import scaled_dot_product_attention
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TorchBackend:
         v = v_cache[table].flatten(1, 2)
         key_pos = torch.arange(k.shape[1], device=q.device)
         visible = key_pos[None, :] < metadata.seq_lens[:b, None]  # (B, M*bs)
-        out = F.scaled_dot_product_attention(
+        out = scaled_dot_product_attention(
             q[:, :, None, :],  # (B, Hq, 1, D)
             k.transpose(1, 2),  # (B, Hkv, M*bs, D)
             v.transpose(1, 2),
@@ -111,12 +111,12 @@ class TorchBackend:
         qb = q.transpose(0, 1)[None]  # (1, Hq, Tq, D)
         kb, vb = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
         if q_len == 1 or q_len == k_len:  # one query sees everything / nothing cached before: plain causal
-            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=q_len > 1, scale=scale, enable_gqa=True)
+            o = scaled_dot_product_attention(qb, kb, vb, is_causal=q_len > 1, scale=scale, enable_gqa=True)
         else:  # causal, bottom-right aligned: query i sees keys j <= i + (Tk - Tq)
             rows = torch.arange(q_len, device=q.device)[:, None]
             cols = torch.arange(k_len, device=q.device)[None, :]
             mask = cols <= rows + (k_len - q_len)  # (Tq, Tk)
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (Tq, Hq, D)
 
 
