@@ -768,7 +768,7 @@ def summarise(run: dict, weight_bytes: int, bandwidth_gb_s: float, text_config: 
         row = {}
         for framework, all_samples in by_framework.items():
             calm = [s for s in all_samples if s.get("others_cpu", 0) <= CONTENDED]
-            samples = calm or all_samples  # undisturbed samples when there are any
+            samples = calm or [min(all_samples, key=lambda s: s.get("others_cpu", 0))]  # else the least disturbed
             medians = {m: median([s.get(m) for s in samples]) for m in METRICS}
             medians["peak_rss_mb"] = run.get("ru_maxrss_mb", {}).get(name, {}).get(framework)
             medians["others_cpu"] = max(s.get("others_cpu", 0) for s in samples)
@@ -831,8 +831,8 @@ def markdown(report: dict) -> str:
         "transformers' peak divided by ours). Times in seconds. Peak RSS: the scenario process's ru_maxrss. "
         "Others' CPU: the largest share of the machine's CPU that other users' processes took during one of "
         "the row's samples used for the medians. A sample during which other processes took more than 15% of "
-        "the CPU is run again (--retries); medians use the undisturbed samples when there are any, else all "
-        "(then that row is slowed, unevenly, by other users' jobs).",
+        "the CPU is run again (--retries); medians use the undisturbed samples when there are any, else the "
+        "least disturbed one (then that row is slowed, unevenly, by other users' jobs).",
     ]
     for dtype_name, run in report["runs"].items():
         s = run["summary"]
