@@ -21,7 +21,7 @@ from smolvlm.connector import Connector
 from smolvlm.linear import Linear
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
 from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
-from smolvlm.weights import load_weights, resolve_checkpoint
+from smolvlm.weights import load_weights, release_freed_memory, resolve_checkpoint
 
 
 class ImageTokenMismatchError(ValueError):
@@ -66,6 +66,7 @@ class SmolVLM(nn.Module):
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
         model.model.text_model.fuse_projections()  # one matmul for q/k/v, one for gate/up (text.py)
+        release_freed_memory()  # the per-tensor conversion copies
         return model.eval()
 
     # ------------------------------------------------------------------ stages

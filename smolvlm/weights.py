@@ -9,7 +9,10 @@ so there is no renaming table.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -90,25 +93,27 @@ def load_weights(
     misshaped: list[str] = []
     for file in safetensors_files(directory):
         try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
-        with handle:
-            for name in handle.keys():
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                if name in state:
-                    raise CheckpointError(f"tensor {name} appears in more than one shard")
-                want = tuple(expected[name].shape)
-                got = tuple(handle.get_slice(name).get_shape())
-                if got != want:
-                    misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(want)}")
-                    continue
+        for name, got in shapes.items():
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            if name in state:
+                raise CheckpointError(f"tensor {name} appears in more than one shard")
+            want = tuple(expected[name].shape)
+            if got != want:
+                misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(want)}")
+                continue
+            # One memory map per tensor: the pages read stay resident only while it is open, so
+            # peak memory is the model plus one tensor, not the model plus the whole file.
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(name)
-                if not tensor.is_floating_point():
-                    raise CheckpointError(f"tensor {name} has non-float dtype {tensor.dtype}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"tensor {name} has non-float dtype {tensor.dtype}")
+            state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshaped})
     problems = []
     if missing:
@@ -121,3 +126,22 @@ def load_weights(
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match the model config:\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=False, assign=True)
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`); a no-op elsewhere.
+
+    Loading converts tensor by tensor (a float32 copy read from the file, then the model's dtype);
+    glibc keeps the freed copies' pages for reuse, ~140 MB of resident memory for the 256M model in
+    bf16 that nothing will reuse. Called once after loading.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:  # musl and other libcs have no malloc_trim
+        trim(0)

@@ -8,6 +8,7 @@ The number of blocks comes from a memory budget (`num_blocks_for_budget`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from smolvlm.config import TextConfig
@@ -26,12 +27,17 @@ class KVCache:
             raise ValueError(f"KVCache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # Zero-filled, not empty: the torch decode path reads whole blocks (masked), and a NaN bit
         # pattern left in an unused slot would survive `0 * NaN` in the weighted sum.
-        self.data = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
-            dtype=dtype, device=device,
-        )  # (L, K/V, num_blocks, block_size, Hkv, D)
+        if torch.device(device).type == "cpu":
+            # numpy's zeros is calloc: zeroed memory whose pages the OS commits on first write, so the
+            # pool costs resident memory only as sequences fill it (torch.zeros writes every page).
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            self.data = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+        # self.data: (L, K/V, num_blocks, block_size, Hkv, D)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each a contiguous [num_blocks, block_size, Hkv, D] view."""
