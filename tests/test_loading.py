@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smolvlm import CheckpointError, ConfigError, SmolVLM, SmolVLMConfig
+from smolvlm.text import CausalAttention
 
 # The three published shapes (REFERENCE.md section 1), written as their config.json files do: the
 # 256M/500M vision configs omit num_hidden_layers and intermediate_size.
@@ -186,3 +187,18 @@ def test_kernels_folder_does_not_shadow_hf_kernels():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr or "find_spec('kernels') found our kernels/ folder"
+
+
+def test_tied_embeddings_checkpoint(tiny_copy):
+    """A checkpoint with tie_word_embeddings stores no lm_head: it shares the input embeddings."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    _edit_weights(tiny_copy, lambda t: t.pop("lm_head.weight"))
+    model = SmolVLM.from_pretrained(tiny_copy)
+    embed = model.model.text_model.embed_tokens.weight
+    assert model.lm_head.weight is embed
+    ids = torch.tensor([[1, 11126, 42, 2]])
+    with torch.no_grad():
+        hidden = model.decode(model.embed(ids), torch.arange(4)[None], CausalAttention(None, 4, torch.device("cpu")))
+        assert torch.allclose(model(ids), hidden @ embed.T, atol=1e-5)
