@@ -46,3 +46,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init while its weight is a meta placeholder.
+
+    `from_pretrained` builds the model on the meta device and then assigns the checkpoint's tensors,
+    so initialising placeholders is wasted work; and on CPU the process's first `normal_` (nn.Embedding's
+    init) costs ~150 MB of resident memory for the rest of its life. Real tensors initialise as usual.
+    """
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()

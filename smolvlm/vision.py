@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import VisionConfig
-from smolvlm.linear import Linear, scaled_dot_product_attention
+from smolvlm.linear import Embedding, Linear, scaled_dot_product_attention
 
 
 def patch_position_ids(patch_attention_mask: torch.Tensor, patches_per_side: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.position_embedding = Embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor) -> torch.Tensor:
         # pixel_values (N, C, H, W) -> patches (N, D, Hp, Wp) -> (N, Hp*Wp, D)
