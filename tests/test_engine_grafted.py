@@ -10,7 +10,7 @@ import torch
 
 from smolvlm.engine import Engine, SamplingParams
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  the parity reference (dev extra): missing must fail, not skip
 
 QUESTIONS = [  # two that give long answers (64 tokens, no early stop), one short with a known answer
     "Explain how photosynthesis works.",
