@@ -22,6 +22,8 @@ avoids the NaN of (-inf) - (-inf) and leaves such rows at acc = 0, row_sum = 0.
 import triton
 import triton.language as tl
 
+LOG2_E = 1.4426950408889634  # log2(e): launchers pass qk_scale = softmax_scale * LOG2_E
+
 
 @triton.jit
 def dot(

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_math import dot, online_softmax_step
+from .attention_math import LOG2_E, dot, online_softmax_step
 from .checks import (
     ATTENTION_DTYPES,
     check_device,
@@ -38,8 +38,6 @@ from .checks import (
     dot_precision,
 )
 from .tile_config import TileConfig, decode_config
-
-LOG2_E = 1.4426950408889634
 
 
 @triton.jit

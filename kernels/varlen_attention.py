@@ -32,10 +32,8 @@ from .checks import (
     check_scale,
     dot_precision,
 )
-from .attention_math import dot, online_softmax_step
+from .attention_math import LOG2_E, dot, online_softmax_step
 from .tile_config import TileConfig, prefill_config
-
-LOG2_E = 1.4426950408889634
 
 
 @triton.jit

@@ -119,7 +119,7 @@ def _compare_bf16_accuracy(ours, theirs, truth, batch):
         assert_bf16_as_accurate("logits", ours(ids, pv, pam, **kwargs)[valid], ref[valid], truth(ids, pv, pam, **kwargs)[valid])
 
 
-def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True, truth=None):
+def _compare_stages(ours, theirs, batch, dtype, end_to_end=True, truth=None):
     """Each stage on the same input as the reference's; `end_to_end` also runs both full forwards
     (every vision tower run costs seconds at the real shape, so real-shape tests compose the stages).
     bf16 is judged by accuracy against the fp32 model instead (see BF16_MARGIN)."""
@@ -127,7 +127,6 @@ def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True, truth=Non
         return _compare_bf16_accuracy(ours, theirs, truth, batch)
     valid = batch["attention_mask"].bool()
     pv, pam = batch["pixel_values"], batch["pixel_attention_mask"]
-    stage_tol = logits_tol = FP32_ATOL
     with torch.no_grad():
         # 1. vision tower, on the real (non-padding) tiles
         tiles, pixel_mask = ours._real_tiles(pv.to(dtype), pam)
@@ -135,36 +134,36 @@ def _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=True, truth=Non
         patch_mask = patch_mask_from_pixels(pixel_mask, ours.config.vision.patch_size)
         ref_vision = theirs.model.vision_model(pixel_values=tiles, patch_attention_mask=patch_mask).last_hidden_state
         got_vision = ours.vision_features(tiles, patch_mask)
-        assert_close("vision tower", got_vision, ref_vision, stage_tol)
+        assert_close("vision tower", got_vision, ref_vision, FP32_ATOL)
         # 2. connector, fed the same input
-        assert_close("connector", ours.model.connector(ref_vision), theirs.model.connector(ref_vision), stage_tol)
+        assert_close("connector", ours.model.connector(ref_vision), theirs.model.connector(ref_vision), FP32_ATOL)
         # 3. image features from the batch (padding-frame dropping, patch mask, tower, connector)
         ref_feat = torch.cat(theirs.model.get_image_features(pv.to(dtype), pam).pooler_output)  # (tiles*64, D)
         got_feat = ours.image_features(pv, pam)  # (tiles, 64, D)
-        assert_close("image features", got_feat.reshape(ref_feat.shape), ref_feat, stage_tol)
+        assert_close("image features", got_feat.reshape(ref_feat.shape), ref_feat, FP32_ATOL)
         # 4. merge: transformers' placeholder mask + masked_scatter of its own features
         ids = batch["input_ids"]
         ref_embeds = theirs.model.get_input_embeddings()(ids)
         ref_embeds = ref_embeds.masked_scatter(theirs.model.get_placeholder_mask(ids, ref_embeds, ref_feat), ref_feat)
         got_embeds = ours.embed(ids, got_feat)
-        assert_close("merged embeddings", got_embeds[valid], ref_embeds[valid], stage_tol)
+        assert_close("merged embeddings", got_embeds[valid], ref_embeds[valid], FP32_ATOL)
         # 5. decoder and LM head, both fed transformers' merged embeddings
         ref_hidden = theirs.model.text_model(inputs_embeds=ref_embeds, attention_mask=batch["attention_mask"],
                                              position_ids=batch["position_ids"]).last_hidden_state
         attention = CausalAttention(batch["attention_mask"], ids.shape[1], ours.device)
         got_hidden = ours.decode(ref_embeds, batch["position_ids"], attention)
-        assert_close("decoder hidden states", got_hidden[valid], ref_hidden[valid], logits_tol)
+        assert_close("decoder hidden states", got_hidden[valid], ref_hidden[valid], FP32_ATOL)
         ref_logits = theirs.lm_head(ref_hidden)
-        assert_close("logits (stages)", ours.logits(got_hidden)[valid], ref_logits[valid], logits_tol)
+        assert_close("logits (stages)", ours.logits(got_hidden)[valid], ref_logits[valid], FP32_ATOL)
         if end_to_end:
             # 6. the public forward against transformers' forward, inputs as the processor gave them
             ref_logits = theirs(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                                 pixel_values=pv.to(dtype), pixel_attention_mask=pam).logits
             got_logits = ours(ids, pv, pam, attention_mask=batch["attention_mask"])
-            assert_close("logits (forward)", got_logits[valid], ref_logits[valid], logits_tol)
+            assert_close("logits (forward)", got_logits[valid], ref_logits[valid], FP32_ATOL)
         else:
             got_logits = ours.logits(ours.decode(got_embeds, batch["position_ids"], attention))
-            assert_close("logits (our stages end to end)", got_logits[valid], ref_logits[valid], logits_tol)
+            assert_close("logits (our stages end to end)", got_logits[valid], ref_logits[valid], FP32_ATOL)
         assert_same_argmax("logits", got_logits[valid], ref_logits[valid])
 
 
@@ -175,7 +174,7 @@ def test_tiny_split_photos(models, photos, dtype):
     truth = models("tiny", torch.float32)[0]
     batch = _batch(ckpt, photos, split=True)
     assert batch["pixel_values"].shape[1] > 5, "photos should be split into several tiles"
-    _compare_stages(ours, theirs, batch, dtype, "tiny", truth=truth)
+    _compare_stages(ours, theirs, batch, dtype, truth=truth)
 
 
 def _pad_inside_tiles(batch, tile_size):
@@ -199,7 +198,7 @@ def test_tiny_partial_tiles(models, photos, dtype):
     ours, theirs, ckpt = models("tiny", dtype)
     truth = models("tiny", torch.float32)[0]
     batch = _pad_inside_tiles(_batch(ckpt, photos, split=False), ours.config.vision.image_size)
-    _compare_stages(ours, theirs, batch, dtype, "tiny", truth=truth)
+    _compare_stages(ours, theirs, batch, dtype, truth=truth)
 
 
 @pytest.mark.parametrize("kind", ["real", "grafted"])
@@ -209,7 +208,7 @@ def test_real_shape_images(models, photos, kind, dtype):
     truth = models(kind, torch.float32)[0] if dtype == torch.bfloat16 else None
     # 3 tiles of 512^2 + a padding frame keeps CI time sane; two tiles partly padded inside.
     batch = _pad_inside_tiles(_batch(ckpt, photos, split=False), ours.config.vision.image_size)
-    _compare_stages(ours, theirs, batch, dtype, kind, end_to_end=False, truth=truth)
+    _compare_stages(ours, theirs, batch, dtype, end_to_end=False, truth=truth)
 
 
 def _chat_ids(ckpt, questions):
