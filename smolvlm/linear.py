@@ -8,9 +8,16 @@ the fp32 GEMM accumulates in fp32, and `.to(bfloat16)` rounds once: the same fun
 order of the sums (which differs between any two GEMM kernels anyway). The cost, converting the
 weight per call, is small next to a GEMM with many rows; for few rows (decode) it is not, so
 matrix-vector products keep the bf16 kernel.
+
+Decode steps (a few rows) can instead go to *decode kernels* (`DecodeKernels` below; the engine on
+CPU uses `smolvlm_kernels.CpuKernels`, C kernels that stream the weights at memory speed). Modules
+take them through their `kernels` attribute, set by `SmolVLM.set_kernels`; None (the default)
+keeps plain PyTorch.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +28,32 @@ from torch import nn
 FP32_GEMM_MIN_ROWS = 64
 
 
+class DecodeKernels(Protocol):
+    """Replacements for few-row steps: each applies to the inputs its `accepts*` method approves."""
+
+    def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool: ...
+
+    def matvec(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...  # F.linear(x, weight)
+
+    def accepts_rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> bool: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...  # text.RMSNorm
+
+    def accepts_rotary(self, x: torch.Tensor, cos: torch.Tensor) -> bool: ...
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...  # text.apply_rotary
+
+
 def _use_fp32_gemm(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= FP32_GEMM_MIN_ROWS * x.shape[-1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: DecodeKernels | None = None
+) -> torch.Tensor:
     """F.linear(x, weight, bias), computed as described in the module docstring."""
+    if kernels is not None and bias is None and kernels.accepts(x, weight):
+        return kernels.matvec(x, weight)
     if _use_fp32_gemm(x):
         out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return out.to(torch.bfloat16)
@@ -44,8 +71,10 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) whose forward is `linear` above."""
 
+    kernels: DecodeKernels | None = None  # per instance, set by SmolVLM.set_kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernels)
 
 
 class Embedding(nn.Embedding):

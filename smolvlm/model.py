@@ -18,7 +18,7 @@ from torch import nn
 
 from smolvlm.config import SmolVLMConfig
 from smolvlm.connector import Connector
-from smolvlm.linear import Linear
+from smolvlm.linear import DecodeKernels, Linear
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
 from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
 from smolvlm.weights import load_weights, release_freed_memory, resolve_checkpoint
@@ -68,6 +68,14 @@ class SmolVLM(nn.Module):
         model.model.text_model.fuse_projections()  # one matmul for q/k/v, one for gate/up (text.py)
         release_freed_memory()  # the per-tensor conversion copies
         return model.eval()
+
+    def set_kernels(self, kernels: DecodeKernels | None) -> None:
+        """Run the decoder's and LM head's few-row steps (decode) through `kernels` (e.g.
+        `smolvlm_kernels.CpuKernels.load()`: products and RMSNorms), or in plain PyTorch with None.
+        The vision tower and connector always work on many rows and keep PyTorch's GEMM."""
+        for module in [*self.model.text_model.modules(), self.lm_head]:
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
 
     # ------------------------------------------------------------------ stages
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import TextConfig
-from smolvlm.linear import Embedding, Linear, linear, scaled_dot_product_attention
+from smolvlm.linear import Embedding, Linear, DecodeKernels, linear, scaled_dot_product_attention
 
 
 # The fused matrices serve steps of few tokens (decode: +10% tokens/s in bf16, +5% in fp32 here);
@@ -53,8 +53,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels: DecodeKernels | None = None  # decode rows in one kernel call (linear.py), set by SmolVLM.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and self.kernels.accepts_rms_norm(x, self.weight):
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         # fp32 island: the variance and the normalisation run in fp32, the weight multiplies in the
         # input dtype (transformers: LlamaRMSNorm.forward). F.rms_norm without a weight is the same
         # x * rsqrt(mean(x^2) + eps), in one op (bitwise equal on CPU, checked in tests).
@@ -84,8 +87,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., H, D); cos/sin (..., D), broadcast over heads."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: DecodeKernels | None = None
+) -> torch.Tensor:
+    """x (..., H, D); cos/sin (..., D), broadcast over heads. `kernels`: see linear.py."""
+    if kernels is not None and kernels.accepts_rotary(x, cos):
+        return kernels.rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, D)
     return x * cos + rotate_half(x) * sin
 
@@ -103,13 +110,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # ((Hq + 2 Hkv) * D, hidden), set by fuse_projections
+        self.kernels: DecodeKernels | None = None  # for the fused product (linear.py), set by SmolVLM.set_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, T) or (N,)
         hq, hkv = self.num_heads, self.num_kv_heads
         if self.qkv_weight is not None and x.numel() < FUSED_MAX_ROWS * x.shape[-1]:
-            qkv = linear(x, self.qkv_weight).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
-            qk = apply_rotary(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated together
+            qkv = linear(x, self.qkv_weight, kernels=self.kernels).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
+            qk = apply_rotary(qkv[..., : hq + hkv, :], cos, sin, self.kernels)  # q and k heads rotated together
             q, k, v = qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv :, :]
         else:
             q = self.q_proj(x).view(*lead, hq, self.head_dim)  # (..., Hq, D)
@@ -129,10 +137,11 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # (2 * intermediate, hidden), set by fuse_projections
+        self.kernels: DecodeKernels | None = None  # for the fused product (linear.py), set by SmolVLM.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None and x.numel() < FUSED_MAX_ROWS * x.shape[-1]:
-            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight, kernels=self.kernels).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

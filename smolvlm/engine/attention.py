@@ -9,7 +9,8 @@ half goes to the routine made for it.
 Backends (`attention_backend=`), same cache layout, swappable:
   "torch"   plain PyTorch (SDPA) on any device; the reference the engine is tested with;
   "triton"  the kernels of `smolvlm_kernels` (GPU, or CPU under TRITON_INTERPRET=1);
-  "auto"    triton on CUDA when it imports, torch elsewhere.
+  "cpu"     torch, with the KV store and decode attention in `smolvlm_kernels.CpuKernels` (C);
+  "auto"    triton on CUDA when it imports; on CPU, cpu when the engine has the C kernels, else torch.
 Everything a backend needs arrives in `AttentionMetadata`; nothing is global.
 """
 
@@ -127,6 +128,7 @@ class TritonBackend:
 
     def __init__(self):
         import smolvlm_kernels
+        from smolvlm_kernels import store_kv  # noqa: F401  (imports triton now: a missing one fails here)
 
         self.kernels = smolvlm_kernels
 
@@ -148,6 +150,26 @@ class TritonBackend:
         )
 
 
+class CpuBackend(TorchBackend):
+    """TorchBackend with the KV store and the decode half in `smolvlm_kernels.CpuKernels` (C): one call
+    each per layer where the torch path gathers the context and runs SDPA and ~10 small ops around it.
+    Prefill chunks (many query rows) keep SDPA."""
+
+    name = "cpu"
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def store_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        self.kernels.store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+
+    def decode(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        b = q.shape[0]
+        return self.kernels.paged_decode_attention(
+            q, k_cache, v_cache, metadata.block_tables[:b], metadata.seq_lens[:b], scale
+        )
+
+
 def vision_attention_for(backend, device: torch.device, head_dim: int):
     """The vision tower's attention to go with `backend`: the Triton masked-attention kernel on CUDA
     when it takes this head size (a power of two in 16..256), else None (the tower's SDPA default;
@@ -158,9 +180,16 @@ def vision_attention_for(backend, device: torch.device, head_dim: int):
     return None
 
 
-def make_backend(name: str, device: torch.device) -> TorchBackend | TritonBackend:
+def make_backend(name: str, device: torch.device, cpu_kernels=None) -> TorchBackend | TritonBackend:
+    """`cpu_kernels`: the engine's `CpuKernels` (CPU only; None when it runs decode steps in PyTorch)."""
     if name == "torch":
         return TorchBackend()
+    if name == "cpu":
+        if device.type != "cpu" or cpu_kernels is None:
+            raise ValueError(
+                "attention_backend='cpu' needs a CPU model and the C decode kernels (cpu_kernels='c' or 'auto')"
+            )
+        return CpuBackend(cpu_kernels)
     if name == "triton":
         try:
             return TritonBackend()
@@ -175,8 +204,10 @@ def make_backend(name: str, device: torch.device) -> TorchBackend | TritonBacken
                 return TritonBackend()
             except ImportError:
                 pass
+        if device.type == "cpu" and cpu_kernels is not None:
+            return CpuBackend(cpu_kernels)
         return TorchBackend()
-    raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
+    raise ValueError(f"attention_backend must be 'auto', 'torch', 'triton' or 'cpu', got {name!r}")
 
 
 class PagedAttention:

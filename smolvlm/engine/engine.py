@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,10 @@ class EngineConfig:
     vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
+    # Decode steps on CPU: "c" = smolvlm_kernels.CpuKernels (C, compiled at first use: weight products,
+    # RMSNorm, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds, else
+    # "torch" with a warning. Ignored on CUDA.
+    cpu_kernels: str = "auto"
 
 
 @dataclass
@@ -147,7 +152,9 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.block_manager
         )
         self.sampler = Sampler(device)
-        self.backend = make_backend(config.attention_backend, device)
+        self.cpu_kernels = _load_cpu_kernels(config.cpu_kernels, device)  # CpuKernels, or None: plain PyTorch
+        model.set_kernels(self.cpu_kernels)
+        self.backend = make_backend(config.attention_backend, device, self.cpu_kernels)
         graphs = None
         if config.cuda_graphs and device.type == "cuda" and self.backend.name == "triton":
             scale = text.head_dim**-0.5
@@ -430,6 +437,23 @@ class Engine:
                             raise RequestError(out.result.error or "generation failed")
         finally:
             self.abort(request_id)  # closed early: give the blocks back
+
+
+def _load_cpu_kernels(choice: str, device: torch.device):
+    """The C decode kernels per `choice` (EngineConfig.cpu_kernels), or None for plain PyTorch."""
+    if choice not in ("auto", "c", "torch"):
+        raise ValueError(f"cpu_kernels must be 'auto', 'c' or 'torch', got {choice!r}")
+    if device.type != "cpu" or choice == "torch":
+        return None
+    from smolvlm_kernels.cpu_kernels import CpuKernels, CpuKernelsUnavailable
+
+    try:
+        return CpuKernels.load()
+    except CpuKernelsUnavailable as e:
+        if choice == "c":
+            raise
+        warnings.warn(f"cpu_kernels='auto': decode steps run in plain PyTorch (slower): {e}", stacklevel=3)
+        return None
 
 
 def _subset(batch: ScheduledBatch, keep: list[int]) -> ScheduledBatch:

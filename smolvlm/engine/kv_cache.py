@@ -38,10 +38,12 @@ class KVCache:
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
         # self.data: (L, K/V, num_blocks, block_size, Hkv, D)
+        # The per-layer views, made once: every layer of every step asks for them.
+        self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(config.num_hidden_layers)]
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each a contiguous [num_blocks, block_size, Hkv, D] view."""
-        return self.data[layer_idx, 0], self.data[layer_idx, 1]
+        return self._layers[layer_idx]
 
     @property
     def num_bytes(self) -> int:

@@ -1,0 +1,318 @@
+/* CPU kernels for decode steps (a few tokens at a time), compiled at first use by cpu_kernels.py:
+ *     smolvlm_matvec                   y (M, N) = x (M, K) @ w (N, K)^T, M small   (the weight products)
+ *     smolvlm_rms_norm                 the decoder's RMSNorm, in one call
+ *     smolvlm_store_kv                 new K/V rows into their paged-cache slots
+ *     smolvlm_paged_decode_attention   one query per sequence over its paged context
+ * Each has a PyTorch reference it is tested against (tests/test_cpu_kernels.py).
+ *
+ * Why: a decode step multiplies a token's activations by every weight matrix, so its time is the
+ * time to stream the weights from memory once; and next to those products it runs ~1,000 tiny ops,
+ * whose fixed cost (a few microseconds each in PyTorch) adds up to as much again.
+ *
+ * matvec: PyTorch's bf16 F.linear (oneDNN) reads the weights at about half of this machine's memory
+ * bandwidth in a decode loop (tools/bench_matvec.py); this loop reads each weight once, with
+ * prefetching, converts bf16 -> fp32 in registers (exact: a bf16 is
+ * the top half of an fp32), multiplies and accumulates in fp32, and rounds the output once.
+ * That is the definition of a bf16 matmul (bf16 inputs, fp32 accumulation), so the result differs from
+ * PyTorch's only in the order of the sums.
+ *
+ * Layout: w row-major (N, K), x row-major (M, K), y row-major (M, N); all contiguous.
+ * dtypes: w fp32 or bf16; x and y fp32 or bf16 (the caller passes the codes below).
+ * Threads: OpenMP over blocks of output rows. PyTorch's wheels ship libgomp under the same soname, so
+ * this library joins PyTorch's thread pool (and torch.set_num_threads) instead of starting its own.
+ *
+ * Compiled with `cc -O3 -march=native -fopenmp`.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+#define ROWS 4                /* weight rows per block: 4 independent memory streams in flight */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192   /* how far ahead of the loads each row's stream is prefetched */
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN stays a quiet NaN). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* A dot kernel: out[m * NR + r] = dot(w row r, x row m) for NR weight rows (4, or 1 for the last
+ * rows of a matrix) and MR rows of x (1, 2 or 4). Each step loads 16 weights of every row, converts
+ * them once, and multiplies them with 16 values of every x row: the weights cross memory once for
+ * all MR rows. Defined once per (weight type, NR, MR) by the macro; LOAD converts 16 weights to fp32. */
+typedef void (*dot_fn)(const void *w, int64_t K, const float *x, float *out);
+
+#ifdef __AVX512F__
+/* 16 weights starting at p (the first ones selected by mask m; the rest read as 0) -> 16 fp32 lanes */
+static inline __m512 load16_bf16(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);                                       /* 16 x u16 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  /* << 16 */
+}
+static inline __m512 load16_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+#define DEFINE_DOT(NAME, WTYPE, LOAD, NR, MR)                                                 \
+    static void NAME(const void *wv, int64_t K, const float *x, float *out) {                 \
+        const WTYPE *w = (const WTYPE *)wv;                                                   \
+        __m512 acc[MR][NR], wk[NR];                                                           \
+        for (int m = 0; m < MR; m++)                                                          \
+            for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();                     \
+        for (int64_t k = 0; k < K; k += 16) {                                                 \
+            __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);         \
+            for (int r = 0; r < NR; r++) {                                                    \
+                _mm_prefetch((const char *)(w + r * K + k) + PREFETCH_BYTES, _MM_HINT_T0);    \
+                wk[r] = LOAD(w + r * K + k, mask);                                            \
+            }                                                                                 \
+            for (int m = 0; m < MR; m++) {                                                    \
+                __m512 xk = _mm512_maskz_loadu_ps(mask, x + m * K + k);                       \
+                for (int r = 0; r < NR; r++) acc[m][r] = _mm512_fmadd_ps(wk[r], xk, acc[m][r]); \
+            }                                                                                 \
+        }                                                                                     \
+        for (int m = 0; m < MR; m++)                                                          \
+            for (int r = 0; r < NR; r++) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);   \
+    }
+#else
+/* Portable version (no AVX-512): the same loops in plain C, left to the compiler to vectorise. */
+#define LANES 16
+static inline float load16_bf16(const uint16_t *p, int j) { return bf16_to_f32(p[j]); }
+static inline float load16_f32(const float *p, int j) { return p[j]; }
+#define DEFINE_DOT(NAME, WTYPE, LOAD, NR, MR)                                                 \
+    static void NAME(const void *wv, int64_t K, const float *x, float *out) {                 \
+        const WTYPE *w = (const WTYPE *)wv;                                                   \
+        float acc[MR][NR][LANES] = {{{0}}};                                                   \
+        for (int64_t k = 0; k < K; k += LANES) {                                              \
+            int n = K - k >= LANES ? LANES : (int)(K - k);                                    \
+            for (int r = 0; r < NR; r++) {                                                    \
+                __builtin_prefetch((const char *)(w + r * K + k) + PREFETCH_BYTES);           \
+                for (int m = 0; m < MR; m++)                                                  \
+                    for (int j = 0; j < n; j++)                                               \
+                        acc[m][r][j] += LOAD(w + r * K + k, j) * x[m * K + k + j];            \
+            }                                                                                 \
+        }                                                                                     \
+        for (int m = 0; m < MR; m++)                                                          \
+            for (int r = 0; r < NR; r++) {                                                    \
+                float s = 0;                                                                  \
+                for (int j = 0; j < LANES; j++) s += acc[m][r][j];                            \
+                out[m * NR + r] = s;                                                          \
+            }                                                                                 \
+    }
+#endif
+
+DEFINE_DOT(dot_bf16_4x1, uint16_t, load16_bf16, ROWS, 1)
+DEFINE_DOT(dot_bf16_4x2, uint16_t, load16_bf16, ROWS, 2)
+DEFINE_DOT(dot_bf16_4x4, uint16_t, load16_bf16, ROWS, 4)
+DEFINE_DOT(dot_bf16_1x1, uint16_t, load16_bf16, 1, 1)
+DEFINE_DOT(dot_bf16_1x2, uint16_t, load16_bf16, 1, 2)
+DEFINE_DOT(dot_bf16_1x4, uint16_t, load16_bf16, 1, 4)
+DEFINE_DOT(dot_f32_4x1, float, load16_f32, ROWS, 1)
+DEFINE_DOT(dot_f32_4x2, float, load16_f32, ROWS, 2)
+DEFINE_DOT(dot_f32_4x4, float, load16_f32, ROWS, 4)
+DEFINE_DOT(dot_f32_1x1, float, load16_f32, 1, 1)
+DEFINE_DOT(dot_f32_1x2, float, load16_f32, 1, 2)
+DEFINE_DOT(dot_f32_1x4, float, load16_f32, 1, 4)
+
+/* DOTS[weight dtype][NR == ROWS ? 0 : 1][MR 1, 2, 4 -> 0, 1, 2] */
+static const dot_fn DOTS[2][2][3] = {
+    {{dot_f32_4x1, dot_f32_4x2, dot_f32_4x4}, {dot_f32_1x1, dot_f32_1x2, dot_f32_1x4}},
+    {{dot_bf16_4x1, dot_bf16_4x2, dot_bf16_4x4}, {dot_bf16_1x1, dot_bf16_1x2, dot_bf16_1x4}},
+};
+
+/* Returns 0 on success, 1 on an unknown dtype code, 2 if the fp32 copy of x cannot be allocated. */
+int smolvlm_matvec(const void *w, int w_dtype, const void *x, int x_dtype, void *y, int y_dtype,
+                   int64_t M, int64_t N, int64_t K, int num_threads) {
+    if ((w_dtype != DTYPE_F32 && w_dtype != DTYPE_BF16) || (x_dtype != DTYPE_F32 && x_dtype != DTYPE_BF16) ||
+        (y_dtype != DTYPE_F32 && y_dtype != DTYPE_BF16))
+        return 1;
+    /* x -> fp32 once (M * K values: a few KB), so the inner loop converts only the weights */
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (xf == NULL) return 2;
+    for (int64_t i = 0; i < M * K; i++)
+        xf[i] = x_dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+
+    size_t w_size = w_dtype == DTYPE_BF16 ? 2 : 4;
+    int64_t num_blocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < num_blocks; b++) {
+        int64_t n0 = b * ROWS;
+        int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+        float out[4 * ROWS];  /* (MR, NR) dot products of one call */
+        for (int64_t m0 = 0; m0 < M; ) {  /* x rows in groups of 4, then 2, then 1 */
+            int64_t mr = M - m0 >= 4 ? 4 : (M - m0 >= 2 ? 2 : 1);
+            int level = mr == 4 ? 2 : (mr == 2 ? 1 : 0);
+            if (rows == ROWS) {
+                DOTS[w_dtype][0][level]((const char *)w + (size_t)(n0 * K) * w_size, K, xf + m0 * K, out);
+            } else {  /* the matrix's last N % ROWS rows, one at a time */
+                for (int64_t r = 0; r < rows; r++) {
+                    float one[4];
+                    DOTS[w_dtype][1][level]((const char *)w + (size_t)((n0 + r) * K) * w_size, K, xf + m0 * K, one);
+                    for (int64_t m = 0; m < mr; m++) out[m * ROWS + r] = one[m];
+                }
+            }
+            for (int64_t m = 0; m < mr; m++)
+                for (int64_t r = 0; r < rows; r++) {
+                    int64_t i = (m0 + m) * N + n0 + r;  /* y is (M, N) */
+                    if (y_dtype == DTYPE_BF16) ((uint16_t *)y)[i] = f32_to_bf16(out[m * ROWS + r]);
+                    else ((float *)y)[i] = out[m * ROWS + r];
+                }
+            m0 += mr;
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * RMSNorm of M rows of K values, as transformers' LlamaRMSNorm (the decoder's norms):
+ *     h = float(x);  n = h / sqrt(mean(h^2) + eps)  (fp32);  y = weight * n.to(dtype)  (in dtype)
+ * x, weight and y share one dtype (fp32 or bf16); for bf16 both roundings of the reference happen
+ * here too (n to bf16, then the product to bf16). One call replaces the ~10 small PyTorch ops of
+ * the reference, which cost more than the arithmetic on decode rows. Single-threaded: M is 1-8.
+ * -------------------------------------------------------------------------------------------- */
+static inline float load_value(const void *p, int dtype, int64_t i) {
+    return dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_value(void *p, int dtype, int64_t i, float v) {
+    if (dtype == DTYPE_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* the value as rounded to `dtype` and back (identity for fp32) */
+static inline float round_to(int dtype, float v) { return dtype == DTYPE_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+int smolvlm_rms_norm(const void *x, const void *weight, void *y, int dtype, int64_t M, int64_t K, float eps) {
+    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) return 1;
+    for (int64_t m = 0; m < M; m++) {
+        float lanes[16] = {0};  /* 16 partial sums: vectorisable, as PyTorch's reduction */
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; j++) { float h = load_value(x, dtype, m * K + k + j); lanes[j] += h * h; }
+        for (; k < K; k++) { float h = load_value(x, dtype, m * K + k); lanes[0] += h * h; }
+        float sum = 0;
+        for (int j = 0; j < 16; j++) sum += lanes[j];
+        float inv = 1.0f / sqrtf(sum / (float)K + eps);
+        for (k = 0; k < K; k++) {
+            float n = round_to(dtype, load_value(x, dtype, m * K + k) * inv);
+            store_value(y, dtype, m * K + k, load_value(weight, dtype, k) * n);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The paged KV cache (layout of smolvlm/engine/kv_cache.py, one layer):
+ *     k_cache, v_cache  [num_blocks, block_size, Hkv, D]; token slot s = block * block_size + offset
+ *
+ * store_kv: k, v (N, Hkv, D) of the step's new tokens -> their slots (slot_mapping (N,) int64;
+ * slot -1 = padding, skipped; returns 3, writing nothing, if a slot is past the cache's num_slots).
+ * All tensors in one dtype.
+ * -------------------------------------------------------------------------------------------- */
+int smolvlm_store_kv(const void *k, const void *v, void *k_cache, void *v_cache, const int64_t *slot_mapping,
+                     int64_t N, int64_t row_bytes, int64_t num_slots) {
+    for (int64_t i = 0; i < N; i++)  /* every slot lies in the cache, or nothing is written */
+        if (slot_mapping[i] >= num_slots) return 3;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t slot = slot_mapping[i];
+        if (slot < 0) continue;
+        memcpy((char *)k_cache + slot * row_bytes, (const char *)k + i * row_bytes, (size_t)row_bytes);
+        memcpy((char *)v_cache + slot * row_bytes, (const char *)v + i * row_bytes, (size_t)row_bytes);
+    }
+    return 0;
+}
+
+/* Decode attention: one query token per sequence over its whole paged context.
+ *     q (B, Hq, D); block_tables (B, max_blocks) int32; seq_lens (B,) int32 (context incl. the new token)
+ *     out (B, Hq, D) = softmax(q . K^T * scale) V over the sequence's seq_lens[b] cached tokens
+ * Query head h reads KV head h / (Hq / Hkv) (grouped-query attention). Scores, softmax and the
+ * weighted sum run in fp32 (as PyTorch's CPU flash attention); the output is rounded once.
+ * Threads: one (sequence, query head) pair per work item. Returns 2 if scratch memory runs out, 3 if
+ * a length or a block number the reads need is out of range (nothing read then). */
+int smolvlm_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+                                   const int32_t *block_tables, const int32_t *seq_lens, int dtype,
+                                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size,
+                                   int64_t max_blocks, int64_t num_blocks, float scale, int num_threads) {
+    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) return 1;
+    for (int64_t b = 0; b < B; b++) {  /* every block the loops below read lies in the cache */
+        if (seq_lens[b] < 0 || seq_lens[b] > max_blocks * block_size) return 3;
+        for (int64_t i = 0; i < (seq_lens[b] + block_size - 1) / block_size; i++)
+            if (block_tables[b * max_blocks + i] < 0 || block_tables[b * max_blocks + i] >= num_blocks) return 3;
+    }
+    int64_t group = Hq / Hkv;
+    int failed = 0;
+    #pragma omp parallel for num_threads(num_threads) schedule(dynamic)
+    for (int64_t item = 0; item < B * Hq; item++) {
+        int64_t b = item / Hq, h = item % Hq, kv_head = h / group;
+        int64_t len = seq_lens[b];
+        float *scores = (float *)malloc((size_t)(len > 0 ? len : 1) * sizeof(float));
+        float *qf = (float *)malloc((size_t)D * sizeof(float));
+        float *acc = (float *)calloc((size_t)D, sizeof(float));
+        if (scores == NULL || qf == NULL || acc == NULL) {
+            failed = 1;
+            free(scores); free(qf); free(acc);
+            continue;
+        }
+        for (int64_t d = 0; d < D; d++) qf[d] = load_value(q, dtype, (b * Hq + h) * D + d);
+        float max_score = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {  /* scores of every context token */
+            int64_t slot = (int64_t)block_tables[b * max_blocks + t / block_size] * block_size + t % block_size;
+            int64_t base = (slot * Hkv + kv_head) * D;  /* k_cache[block, offset, kv_head, :] */
+            float s = 0;
+            for (int64_t d = 0; d < D; d++) s += qf[d] * load_value(k_cache, dtype, base + d);
+            scores[t] = s * scale;
+            if (scores[t] > max_score) max_score = scores[t];
+        }
+        float total = 0;
+        for (int64_t t = 0; t < len; t++) { scores[t] = expf(scores[t] - max_score); total += scores[t]; }
+        for (int64_t t = 0; t < len; t++) {  /* weighted sum of the values */
+            int64_t slot = (int64_t)block_tables[b * max_blocks + t / block_size] * block_size + t % block_size;
+            int64_t base = (slot * Hkv + kv_head) * D;
+            for (int64_t d = 0; d < D; d++) acc[d] += scores[t] * load_value(v_cache, dtype, base + d);
+        }
+        for (int64_t d = 0; d < D; d++)  /* an empty context (never in a decode step) gives zeros */
+            store_value(out, dtype, (b * Hq + h) * D + d, len > 0 ? acc[d] / total : 0.0f);
+        free(scores); free(qf); free(acc);
+    }
+    return failed ? 2 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Rotary position embedding (rotate-half), as smolvlm.text.apply_rotary / transformers:
+ *     out = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[D/2:], x[:D/2])
+ * x (N, H, D) with token stride x_stride (elements; heads contiguous, so a slice of the fused q/k/v
+ * rows is read in place), cos/sin (N, D), out (N, H, D) contiguous; one dtype. Each of the reference's
+ * three ops rounds to the dtype, and so does this loop (compiled with -ffp-contract=off: no fused
+ * multiply-add merges two of them), so the result is bit-identical to the PyTorch reference.
+ * -------------------------------------------------------------------------------------------- */
+int smolvlm_rotary(const void *x, const void *cos, const void *sin, void *out, int dtype,
+                   int64_t N, int64_t H, int64_t D, int64_t x_stride) {
+    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) return 1;
+    int64_t half = D / 2;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t in = n * x_stride + h * D, o = (n * H + h) * D;
+            for (int64_t d = 0; d < D; d++) {
+                float rotated = d < half ? -load_value(x, dtype, in + d + half) : load_value(x, dtype, in + d - half);
+                float a = round_to(dtype, load_value(x, dtype, in + d) * load_value(cos, dtype, n * D + d));
+                float b = round_to(dtype, rotated * load_value(sin, dtype, n * D + d));
+                store_value(out, dtype, o + d, a + b);
+            }
+        }
+    return 0;
+}

@@ -1,0 +1,293 @@
+"""CPU kernels for decode steps (`cpu_kernels.c`), compiled at first use.
+
+    kernels = CpuKernels.load()                       # builds cpu_kernels.c once per machine, or raises
+    y = kernels.matvec(x, weight)                     # F.linear(x, weight) for a few rows of x
+    y = kernels.rms_norm(x, weight, eps)              # LlamaRMSNorm
+    y = kernels.rotary(x, cos, sin)                   # rotary position embedding (rotate-half)
+    kernels.store_kv(k, v, k_cache, v_cache, slots)   # new K/V into paged-cache slots
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+Why: in a decode step (one token per sequence) the model streams every weight from memory once and
+runs ~1,000 tiny ops. On this project's CPU (2 cores, AVX512-BF16, no AMX) PyTorch's bf16 F.linear
+reads weights at ~13 GB/s in a decode loop and the matvec kernel at ~23 GB/s (`tools/bench_matvec.py`);
+the others replace 6-12 PyTorch ops each (a few microseconds of fixed cost per op).
+The references they are tested against are the PyTorch code they replace (tests/test_cpu_kernels.py).
+
+Numerics: inputs convert to fp32 exactly, sums accumulate in fp32, each output is rounded once to its
+dtype (RMSNorm keeps the reference's two roundings): the same functions as PyTorch's, up to the order
+of the sums.
+
+The shared library is built with the system C compiler (`$CC`, else `cc`) and `-march=native`, and
+kept under `$XDG_CACHE_HOME/smolvlm` (default `~/.cache/smolvlm`), keyed by the source, the flags,
+the compiler and this CPU's feature flags (a cache shared between machines never hands one another's
+instructions). No compiler, or a failed build: `load()` raises `CpuKernelsUnavailable` saying why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -ffp-contract=off: a * b + c stays two roundings (as in PyTorch's separate ops), never one fused
+# multiply-add, so the elementwise kernels reproduce their references bit for bit.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as the enum in cpu_kernels.c
+I64, INT, FLOAT, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
+    "smolvlm_matvec": [PTR, INT, PTR, INT, PTR, INT, I64, I64, I64, INT],
+    "smolvlm_rms_norm": [PTR, PTR, PTR, INT, I64, I64, FLOAT],
+    "smolvlm_store_kv": [PTR, PTR, PTR, PTR, PTR, I64, I64, I64],
+    "smolvlm_rotary": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64],
+    "smolvlm_paged_decode_attention": [PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64, I64, I64, I64, FLOAT, INT],
+}
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The kernels cannot be built or loaded here (no C compiler, or the build failed)."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "smolvlm"
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile cpu_kernels.c (or reuse the cached build); the path of the shared library."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    path = shutil.which(compiler)
+    if path is None:
+        raise CpuKernelsUnavailable(
+            f"no C compiler found (tried {compiler!r}; set $CC): the CPU decode kernels are compiled at "
+            "first use. Install gcc, or pass cpu_kernels='torch' to run decode steps in plain PyTorch."
+        )
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), " ".join(FLAGS), path, *version, _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        result = subprocess.run([path, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CpuKernelsUnavailable(
+                f"compiling {SOURCE.name} with {path} failed (exit {result.returncode}):\n{result.stderr.strip()}"
+            )
+        os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
+    return target
+
+
+def _check_cpu(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"CpuKernels run on CPU tensors; {name} is on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"CpuKernels need contiguous tensors; {name} (shape {tuple(t.shape)}) is not")
+
+
+def _dtype_code(**tensors: torch.Tensor) -> int:
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_CODES:
+        found = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+        raise TypeError(f"expected one dtype, float32 or bfloat16, for all of: {found}")
+    return DTYPE_CODES[next(iter(dtypes))]
+
+
+class CpuKernels:
+    """The compiled kernels, with input checks. Build with `load()`."""
+
+    # Rows up to which `matvec` beats PyTorch's matmul here (tools/bench_matvec.py, 2 threads: bf16
+    # 1.9x at 1 row, 1.3x at 8, even at 16; fp32 1.0-1.6x up to 8, 0.9x at 16): beyond, the arithmetic
+    # (the kernel does no cache blocking) outweighs the weight traffic that it saves.
+    max_rows = 8
+
+    def __init__(self, library: ctypes.CDLL):
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(library, name)
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        self._lib = library
+
+    @classmethod
+    def load(cls, compiler: str | None = None) -> "CpuKernels":
+        path = build(compiler)
+        try:
+            return cls(ctypes.CDLL(str(path)))
+        except (OSError, AttributeError) as e:
+            raise CpuKernelsUnavailable(f"cannot load {path}: {e}") from None
+
+    @staticmethod
+    def _status(name: str, status: int) -> None:
+        if status != 0:
+            reason = {1: "bad dtype code", 2: "out of memory", 3: "a slot, sequence length or block-table entry is out of range"}
+            raise RuntimeError(f"{name} failed: {reason.get(status, f'status {status}')}")
+
+    # ------------------------------------------------------------------ matvec
+
+    def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `matvec(x, weight)` applies (linear.Matvec): CPU, fp32/bf16, at most `max_rows` rows."""
+        return (
+            x.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and x.dtype in DTYPE_CODES
+            and weight.dtype in DTYPE_CODES
+            and x.numel() <= self.max_rows * x.shape[-1]
+        )
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x, weight)
+
+    def matvec(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (..., K) fp32/bf16, weight (N, K) fp32/bf16 -> (..., N) in x's dtype: F.linear(x, weight)."""
+        # Checks kept to attribute reads: this runs ~120 times per decoded token.
+        if x.dtype not in DTYPE_CODES or weight.dtype not in DTYPE_CODES:
+            raise TypeError(f"matvec takes float32/bfloat16 tensors, got x {x.dtype} and weight {weight.dtype}")
+        if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"shapes do not match: x {tuple(x.shape)} @ weight {tuple(weight.shape)}^T")
+        if x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+            raise ValueError(f"matvec needs CPU tensors and a contiguous weight, got x on {x.device}, weight on "
+                             f"{weight.device} with strides {weight.stride()}")
+        x = x.contiguous()  # (..., K): the rows of x, back to back
+        n, k = weight.shape
+        if k == 0 or x.numel() == 0:
+            return torch.zeros(*x.shape[:-1], n, dtype=x.dtype)
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)  # (..., N)
+        status = self._lib.smolvlm_matvec(
+            weight.data_ptr(), DTYPE_CODES[weight.dtype],
+            x.data_ptr(), DTYPE_CODES[x.dtype],
+            out.data_ptr(), DTYPE_CODES[out.dtype],
+            x.numel() // k, n, k, torch.get_num_threads(),
+        )
+        self._status("smolvlm_matvec", status)
+        return out
+
+    # ------------------------------------------------------------------ RMSNorm
+
+    def accepts_rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `rms_norm` applies: CPU, one dtype (fp32/bf16), at most `max_rows` rows."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and x.dtype in DTYPE_CODES
+            and x.numel() <= self.max_rows * x.shape[-1]
+        )
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (..., K), weight (K,) -> weight * (x / sqrt(mean(x^2) + eps)), as smolvlm.text.RMSNorm."""
+        if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+            raise ValueError(f"rms_norm: x {tuple(x.shape)} does not end in weight's size {tuple(weight.shape)}")
+        x = x.contiguous()
+        _check_cpu(x=x, weight=weight)
+        code = _dtype_code(x=x, weight=weight)
+        out = torch.empty_like(x)
+        k = x.shape[-1]
+        status = self._lib.smolvlm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), code, x.numel() // max(k, 1), k, eps)
+        self._status("smolvlm_rms_norm", status)
+        return out
+
+    # ------------------------------------------------------------------ rotary embedding
+
+    def accepts_rotary(self, x: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether `rotary` applies: CPU, x (N, H, D) with contiguous heads, at most `max_rows` tokens."""
+        return (
+            x.device.type == "cpu"
+            and x.dim() == 3
+            and x.dtype == cos.dtype
+            and x.dtype in DTYPE_CODES
+            and x.shape[0] <= self.max_rows
+            and x.stride(2) == 1
+            and x.stride(1) == x.shape[2]
+        )
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (N, H, D) (heads contiguous, any token stride), cos/sin (N, D) -> (N, H, D), as text.apply_rotary."""
+        n, h, d = x.shape
+        if x.stride(2) != 1 or x.stride(1) != d or d % 2:
+            raise ValueError(f"rotary needs x (N, H, D) with contiguous heads and even D, got shape {tuple(x.shape)} strides {x.stride()}")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        if cos.shape != (n, d) or sin.shape != (n, d):
+            raise ValueError(f"rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} should be ({n}, {d})")
+        _check_cpu(cos=cos, sin=sin)
+        code = _dtype_code(x=x, cos=cos, sin=sin)
+        if x.device.type != "cpu":
+            raise ValueError(f"CpuKernels run on CPU tensors; x is on {x.device}")
+        out = torch.empty(n, h, d, dtype=x.dtype)
+        status = self._lib.smolvlm_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), code, n, h, d, x.stride(0))
+        self._status("smolvlm_rotary", status)
+        return out
+
+    # ------------------------------------------------------------------ paged KV cache
+
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """key/value (N, Hkv, D) -> their slots of k_cache/v_cache [num_blocks, block_size, Hkv, D];
+        slot_mapping (N,) int64, -1 = skip."""
+        key, value = key.contiguous(), value.contiguous()
+        _check_cpu(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+        _dtype_code(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
+        if key.shape != value.shape or key.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
+            raise ValueError(
+                f"store_kv: key {tuple(key.shape)} / value {tuple(value.shape)} rows do not fit the caches "
+                f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+            )
+        if slot_mapping.dtype != torch.int64 or slot_mapping.shape != key.shape[:1]:
+            raise ValueError(f"slot_mapping must be int64 of shape ({key.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+        row_bytes = key[0].numel() * key.element_size() if key.shape[0] else 0
+        status = self._lib.smolvlm_store_kv(
+            key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+            key.shape[0], row_bytes, k_cache.shape[0] * k_cache.shape[1],
+        )
+        self._status("smolvlm_store_kv", status)
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q (B, Hq, D), one token per sequence; caches [num_blocks, block_size, Hkv, D];
+        block_tables (B, max_blocks) int32; seq_lens (B,) int32 -> (B, Hq, D)."""
+        q = q.contiguous()
+        block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+        _check_cpu(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+        code = _dtype_code(q=q, k_cache=k_cache, v_cache=v_cache)
+        b, hq, d = q.shape
+        num_blocks, block_size, hkv, d_cache = k_cache.shape
+        if d != d_cache or hq % hkv or v_cache.shape != k_cache.shape:
+            raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+        if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+            raise TypeError(f"block_tables and seq_lens must be int32, got {block_tables.dtype} and {seq_lens.dtype}")
+        if block_tables.dim() != 2 or block_tables.shape[0] != b or seq_lens.shape != (b,):
+            raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} do not match {b} sequences")
+        out = torch.empty_like(q)
+        status = self._lib.smolvlm_paged_decode_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            block_tables.data_ptr(), seq_lens.data_ptr(), code,
+            b, hq, hkv, d, block_size, block_tables.shape[1], num_blocks, scale, torch.get_num_threads(),
+        )
+        self._status("smolvlm_paged_decode_attention", status)
+        return out
