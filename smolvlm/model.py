@@ -21,7 +21,7 @@ from smolvlm.connector import Connector
 from smolvlm.linear import DecodeKernels, Linear
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
 from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
-from smolvlm.weights import load_weights, release_freed_memory, resolve_checkpoint
+from smolvlm.weights import huge_page_arena, load_weights, release_freed_memory, resolve_checkpoint
 
 
 class ImageTokenMismatchError(ValueError):
@@ -61,7 +61,9 @@ class SmolVLM(nn.Module):
             model = cls(config)
         if config.tie_word_embeddings:
             del model.lm_head.weight  # filled from embed_tokens below; not expected in the file
-        load_weights(model, directory, dtype=dtype, device=device)
+        # On CPU every parameter goes into one huge-page-backed buffer (weights.huge_page_arena).
+        arena = huge_page_arena(model, dtype) if torch.device(device).type == "cpu" else None
+        load_weights(model, directory, dtype=dtype, device=device, into=arena)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32

@@ -172,18 +172,23 @@ class TextModel(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Concatenate q/k/v and gate/up weights (FUSED_PROJECTIONS); the originals become views of them."""
+        """Concatenate q/k/v and gate/up weights (FUSED_PROJECTIONS); the originals become views of them.
+
+        Weights already side by side in memory (loaded into `weights.huge_page_arena`, in module order)
+        are concatenated as they lie: the fused matrix is a view spanning them, nothing is copied."""
         for layer in self.layers:
             for fused_name, parts in FUSED_PROJECTIONS.items():
                 owner_name, attr = fused_name.rsplit(".", 1)
                 owner = layer.get_submodule(owner_name)
-                linears = [layer.get_submodule(p) for p in parts]
-                fused = torch.cat([lin.weight for lin in linears])  # (sum of out_features, hidden)
-                start = 0
-                for lin in linears:
-                    rows = lin.weight.shape[0]
-                    lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=lin.weight.requires_grad)
-                    start += rows
+                weights = [layer.get_submodule(p).weight for p in parts]
+                fused = _adjacent_rows(weights)
+                if fused is None:
+                    fused = torch.cat(weights)  # (sum of out_features, hidden)
+                    start = 0
+                    for p, w in zip(parts, weights):
+                        rows = w.shape[0]
+                        layer.get_submodule(p).weight = nn.Parameter(fused[start : start + rows], requires_grad=w.requires_grad)
+                        start += rows
                 setattr(owner, attr, fused)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
@@ -193,6 +198,21 @@ class TextModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
         return self.norm(x)
+
+
+def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """torch.cat(weights) as a view, when the (rows, K) matrices lie back to back in one storage; else None."""
+    first = weights[0]
+    if not all(w.is_contiguous() and w.dim() == 2 and w.shape[1] == first.shape[1] for w in weights):
+        return None
+    position = first.storage_offset()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.storage_offset() != position:
+            return None
+        position += w.numel()
+    rows = sum(w.shape[0] for w in weights)
+    fused = torch.empty(0, dtype=first.dtype, device=first.device)
+    return fused.set_(first.untyped_storage(), first.storage_offset(), (rows, first.shape[1]))
 
 
 class CausalAttention:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import sys
 from pathlib import Path
 
@@ -74,16 +75,46 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
+def huge_page_arena(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU storage for every parameter of `model`: one buffer, cut into views in module order.
+
+    Why one buffer: (1) it can ask Linux for transparent huge pages (2 MB instead of 4 KB; this
+    machine's policy is `madvise`, so memory gets them only when asked), and a decode step, which
+    streams every weight once, reads them ~8% faster (fewer TLB misses, and the hardware prefetcher
+    stops at page boundaries); (2) module order puts q/k/v and gate/up side by side, so the fused
+    decode matrices (text.py, `fuse_projections`) are views of it instead of copies.
+    The buffer is virtual memory until written: slots that `load_weights` leaves unused (tensors
+    used as mapped from the file, with no conversion) cost nothing. It lives as long as its views.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    offsets: dict[str, tuple[int, torch.Size]] = {}
+    total = 0
+    for name, p in model.named_parameters():
+        offsets[name] = (total, p.shape)
+        total += p.numel() * element  # back to back: no gap between q/k/v (or gate/up)
+    buffer = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere plain pages
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)  # keeps `buffer` alive
+    return {
+        name: flat[start : start + shape.numel() * element].view(dtype).view(shape)
+        for name, (start, shape) in offsets.items()
+    }
+
+
 def load_weights(
     model: nn.Module,
     directory: Path,
     dtype: torch.dtype,
     device: torch.device | str,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Fill every parameter of `model` (which may live on the meta device) from the safetensors files.
 
     Tensors are converted to `dtype` and moved to `device` one at a time, then assigned in place of
     the module's parameters (`load_state_dict(assign=True)`), so no random init and no second copy.
+    `into`: preallocated destinations by name (`huge_page_arena`) for the tensors that need a dtype
+    conversion, converted into directly.
     Floating-point tensors only are cast; buffers that are not in the checkpoint (RoPE frequencies)
     stay as the model built them.
     """
@@ -113,7 +144,12 @@ def load_weights(
                 tensor = handle.get_tensor(name)
             if not tensor.is_floating_point():
                 raise CheckpointError(f"tensor {name} has non-float dtype {tensor.dtype}")
-            state[name] = tensor.to(device=device, dtype=dtype)
+            if into is not None and name in into and tensor.dtype != dtype:
+                # A converted copy is made anyway: make it in the arena. (Same dtype: the memory-mapped
+                # tensor is used as is, and its arena slot is never touched, so it costs no memory.)
+                state[name] = into[name].copy_(tensor)
+            else:
+                state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshaped})
     problems = []
     if missing:
