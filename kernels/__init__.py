@@ -1,7 +1,7 @@
-"""Kernels of smolvlm (installed as `smolvlm_kernels`; the folder is `kernels/`).
+"""Triton kernels of smolvlm (installed as `smolvlm_kernels`; the folder is `kernels/`).
 
-Triton kernels, one file per kernel, each with its launcher (which checks its inputs before
-launching); the plain-PyTorch references they are tested against live in `reference.py`.
+One file per kernel, each with its launcher (which checks its inputs before launching); the
+plain-PyTorch references they are tested against live in `reference.py`.
 
     store_kv                  write new K/V into paged-cache slots (slot -1 = padding, skipped)
     varlen_attention          flash attention over packed variable-length sequences, causal or not
@@ -9,41 +9,25 @@ launching); the plain-PyTorch references they are tested against live in `refere
     paged_prefill_attention   causal attention of new tokens over their paged context
     paged_decode_attention    one query per sequence over its paged context, split-K
 
-On CPU the Triton kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before using them
-(Triton reads it when a kernel module is first imported).
+On CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before importing this
+package (Triton reads it when the kernels are defined).
 
-C kernels for CPU decode steps, compiled at first use (no Triton involved):
-
-    CpuKernels                matvec (F.linear for a few rows, streaming bf16/fp32 weights), RMSNorm,
-                              store_kv and paged decode attention (cpu_kernels.c, cpu_kernels.py)
-
-Names are imported on first use (PEP 562), so `from smolvlm_kernels import CpuKernels` does not
-import Triton (~80 MB of resident memory on CPU).
+`kernels/cpu/` is a separate package, `smolvlm_cpu_kernels`: C kernels for CPU decode steps, which
+must not import Triton (~80 MB of resident memory) as importing this package does.
 """
 
-import importlib
+from .masked_attention import masked_attention
+from .paged_decode_attention import paged_decode_attention
+from .paged_prefill_attention import paged_prefill_attention
+from .store_kv import store_kv
+from .tile_config import TileConfig
+from .varlen_attention import varlen_attention
 
-_EXPORTS = {
-    "CpuKernels": ".cpu_kernels",
-    "CpuKernelsUnavailable": ".cpu_kernels",
-    "TileConfig": ".tile_config",
-    "masked_attention": ".masked_attention",
-    "paged_decode_attention": ".paged_decode_attention",
-    "paged_prefill_attention": ".paged_prefill_attention",
-    "store_kv": ".store_kv",
-    "varlen_attention": ".varlen_attention",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'smolvlm_kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "TileConfig",
+    "masked_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "store_kv",
+    "varlen_attention",
+]

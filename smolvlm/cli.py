@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available)")
     model.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
                        help="paged attention implementation (auto: triton on CUDA, torch elsewhere)")
+    model.add_argument("--cpu-kernels", choices=["auto", "c", "torch"], default="auto",
+                       help="CPU decode steps: C kernels compiled at first use (c), plain PyTorch (torch), "
+                            "or c when a C compiler is found (auto)")
     model.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory for the KV cache in GiB (default: 1 on CPU, half the free GPU memory)")
 
@@ -131,7 +134,7 @@ def load_engine(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    options = {}
+    options = {"cpu_kernels": args.cpu_kernels}
     if args.kv_cache_gb is not None:
         options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
     return Engine.from_pretrained(

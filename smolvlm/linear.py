@@ -10,7 +10,7 @@ weight per call, is small next to a GEMM with many rows; for few rows (decode) i
 matrix-vector products keep the bf16 kernel.
 
 Decode steps (a few rows) can instead go to *decode kernels* (`DecodeKernels` below; the engine on
-CPU uses `smolvlm_kernels.CpuKernels`, C kernels that stream the weights at memory speed). Modules
+CPU uses `smolvlm_cpu_kernels.CpuKernels`, C kernels that stream the weights at memory speed). Modules
 take them through their `kernels` attribute, set by `SmolVLM.set_kernels`; None (the default)
 keeps plain PyTorch.
 """

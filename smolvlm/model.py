@@ -73,7 +73,7 @@ class SmolVLM(nn.Module):
 
     def set_kernels(self, kernels: DecodeKernels | None) -> None:
         """Run the decoder's and LM head's few-row steps (decode) through `kernels` (e.g.
-        `smolvlm_kernels.CpuKernels.load()`: products and RMSNorms), or in plain PyTorch with None.
+        `smolvlm_cpu_kernels.CpuKernels.load()`: products and RMSNorms), or in plain PyTorch with None.
         The vision tower and connector always work on many rows and keep PyTorch's GEMM."""
         for module in [*self.model.text_model.modules(), self.lm_head]:
             if hasattr(module, "kernels"):

@@ -29,7 +29,7 @@ from smolvlm.engine.kv_cache import KVCache
 from smolvlm.linear import linear
 from smolvlm.processing import Processor
 from smolvlm.text import RMSNorm, RotaryEmbedding, apply_rotary
-from smolvlm_kernels.cpu_kernels import CpuKernels, CpuKernelsUnavailable, build
+from smolvlm_cpu_kernels import CpuKernels, CpuKernelsUnavailable, build
 from smolvlm_kernels.reference import reference_paged_decode_attention, reference_store_kv
 
 BF16_HALF_ULP = 2.0**-8  # round-to-nearest bf16: |rounded - exact| <= 2^-8 |exact|
@@ -162,11 +162,14 @@ def test_accepts_rows(kernels):
     assert not kernels.accepts(torch.randn(3, 3, 16), w)
     assert not kernels.accepts(torch.randn(1, 16).half(), w)
     assert not kernels.accepts(torch.randn(1, 16), w.half())
+    assert not kernels.accepts(torch.randn(1, 16), torch.randn(16, 5).t())  # non-contiguous weight
     # smolvlm.linear routes accepted products to the kernel and the rest to PyTorch
     x9 = torch.randn(9, 16)
     assert torch.equal(linear(x9, w, kernels=kernels), F.linear(x9, w))
     x1 = torch.randn(1, 16)
     assert torch.equal(linear(x1, w, kernels=kernels), kernels.matvec(x1, w))
+    wt = torch.randn(16, 5).t()  # a non-contiguous weight goes to PyTorch instead of failing
+    assert torch.equal(linear(x1, wt, kernels=kernels), F.linear(x1, wt))
 
 
 # ---------------------------------------------------------------------------------------------

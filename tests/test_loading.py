@@ -202,3 +202,41 @@ def test_tied_embeddings_checkpoint(tiny_copy):
     with torch.no_grad():
         hidden = model.decode(model.embed(ids), torch.arange(4)[None], CausalAttention(None, 4, torch.device("cpu")))
         assert torch.allclose(model(ids), hidden @ embed.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weights_equal_the_file_and_fused_matrices_are_views(tiny_ckpt, dtype):
+    """bf16 from an fp32 file: every converted tensor lands in the huge-page arena (weights.huge_page_arena)
+    and the fused q/k/v and gate/up matrices are views spanning the adjacent originals (no copy);
+    fp32: tensors are used as read from the file, and the fused matrices are concatenated copies.
+    Either way every parameter equals the file's tensor converted, and the fused rows equal the parts."""
+    model = SmolVLM.from_pretrained(tiny_ckpt, dtype=dtype)
+    file = load_file(str(tiny_ckpt / "model.safetensors"))
+    params = dict(model.named_parameters())
+    for name, tensor in file.items():
+        assert torch.equal(params[name], tensor.to(dtype)), name
+    arena_storage = model.model.text_model.layers[0].input_layernorm.weight.untyped_storage().data_ptr()
+    for layer in model.model.text_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        assert torch.equal(mlp.gate_up_weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        # the originals are views of the fused matrix (an in-place edit of q_proj is seen by the fused path)
+        assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
+        in_arena = attn.qkv_weight.untyped_storage().data_ptr() == arena_storage
+        assert in_arena == (dtype == torch.bfloat16), "bf16 weights live in the arena, fp32 ones in the file's map"
+
+
+def test_cpu_kernels_do_not_import_triton(tiny_ckpt):
+    """The CPU decode kernels (package smolvlm_cpu_kernels) and a CPU engine never import Triton
+    (~80 MB of resident memory)."""
+    code = (
+        "import sys\n"
+        "from smolvlm_cpu_kernels import CpuKernels\n"
+        "from smolvlm import Engine\n"
+        f"engine = Engine.from_pretrained({str(tiny_ckpt)!r}, device='cpu')\n"
+        "assert engine.cpu_kernels is not None and engine.backend.name == 'cpu'\n"
+        "assert 'triton' not in sys.modules, 'the CPU path imported triton'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from smolvlm_kernels.cpu_kernels import CpuKernels  # noqa: E402
+from smolvlm_cpu_kernels import CpuKernels  # noqa: E402
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per decoder layer
 LM_HEAD = (49280, 576)

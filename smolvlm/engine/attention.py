@@ -9,7 +9,7 @@ half goes to the routine made for it.
 Backends (`attention_backend=`), same cache layout, swappable:
   "torch"   plain PyTorch (SDPA) on any device; the reference the engine is tested with;
   "triton"  the kernels of `smolvlm_kernels` (GPU, or CPU under TRITON_INTERPRET=1);
-  "cpu"     torch, with the KV store and decode attention in `smolvlm_kernels.CpuKernels` (C);
+  "cpu"     torch, with the KV store and decode attention in `smolvlm_cpu_kernels.CpuKernels` (C);
   "auto"    triton on CUDA when it imports; on CPU, cpu when the engine has the C kernels, else torch.
 Everything a backend needs arrives in `AttentionMetadata`; nothing is global.
 """
@@ -151,7 +151,7 @@ class TritonBackend:
 
 
 class CpuBackend(TorchBackend):
-    """TorchBackend with the KV store and the decode half in `smolvlm_kernels.CpuKernels` (C): one call
+    """TorchBackend with the KV store and the decode half in `smolvlm_cpu_kernels.CpuKernels` (C): one call
     each per layer where the torch path gathers the context and runs SDPA and ~10 small ops around it.
     Prefill chunks (many query rows) keep SDPA."""
 

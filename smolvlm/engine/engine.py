@@ -95,7 +95,7 @@ class EngineConfig:
     vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
-    # Decode steps on CPU: "c" = smolvlm_kernels.CpuKernels (C, compiled at first use: weight products,
+    # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,
     # RMSNorm, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds, else
     # "torch" with a warning. Ignored on CUDA.
     cpu_kernels: str = "auto"
@@ -445,7 +445,7 @@ def _load_cpu_kernels(choice: str, device: torch.device):
         raise ValueError(f"cpu_kernels must be 'auto', 'c' or 'torch', got {choice!r}")
     if device.type != "cpu" or choice == "torch":
         return None
-    from smolvlm_kernels.cpu_kernels import CpuKernels, CpuKernelsUnavailable
+    from smolvlm_cpu_kernels import CpuKernels, CpuKernelsUnavailable
 
     try:
         return CpuKernels.load()

@@ -1,4 +1,4 @@
-"""CPU kernels for decode steps (`cpu_kernels.c`), compiled at first use.
+"""CPU kernels for decode steps (`cpu_kernels.c`), compiled at first use. Package `smolvlm_cpu_kernels`.
 
     kernels = CpuKernels.load()                       # builds cpu_kernels.c once per machine, or raises
     y = kernels.matvec(x, weight)                     # F.linear(x, weight) for a few rows of x
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")  # kernels/cpu/cpu_kernels.c
 # -ffp-contract=off: a * b + c stays two roundings (as in PyTorch's separate ops), never one fused
 # multiply-add, so the elementwise kernels reproduce their references bit for bit.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -145,12 +145,14 @@ class CpuKernels:
     # ------------------------------------------------------------------ matvec
 
     def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether `matvec(x, weight)` applies (linear.Matvec): CPU, fp32/bf16, at most `max_rows` rows."""
+        """Whether `matvec(x, weight)` applies (linear.DecodeKernels): CPU, fp32/bf16, a contiguous
+        weight, at most `max_rows` rows."""
         return (
             x.device.type == "cpu"
             and weight.device.type == "cpu"
             and x.dtype in DTYPE_CODES
             and weight.dtype in DTYPE_CODES
+            and weight.is_contiguous()
             and x.numel() <= self.max_rows * x.shape[-1]
         )
 

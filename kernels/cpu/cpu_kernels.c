@@ -1,4 +1,4 @@
-/* CPU kernels for decode steps (a few tokens at a time), compiled at first use by cpu_kernels.py:
+/* CPU kernels for decode steps (a few tokens at a time), compiled at first use by __init__.py (package smolvlm_cpu_kernels):
  *     smolvlm_matvec                   y (M, N) = x (M, K) @ w (N, K)^T, M small   (the weight products)
  *     smolvlm_rms_norm                 the decoder's RMSNorm, in one call
  *     smolvlm_store_kv                 new K/V rows into their paged-cache slots
