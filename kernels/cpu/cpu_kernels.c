@@ -237,6 +237,69 @@ int smolvlm_store_kv(const void *k, const void *v, void *k_cache, void *v_cache,
     return 0;
 }
 
+/* exp(x) for the softmax weights (x <= 0 there): 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, and the
+ * Cephes polynomial for p (about 1 ulp from expf). Written out, not a libm call, so that a loop of it
+ * vectorises: a 4,500-token context takes 40,000 of them per layer. Below -87 the weight is < 2e-38
+ * and is clamped there (against a sum >= 1, it is 0 either way). */
+static inline float softmax_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  /* round(x / ln2): 1.5 * 2^23 trick */
+    float r = x - n * 0.693359375f - n * -2.12194440e-4f;     /* x - n ln2, ln2 split in two */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;                     /* 2^n as a float's bits */
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* dot(q, row) over D values, row in `dtype`: 16 independent partial sums, so the loop vectorises
+ * (one running sum would be a chain of dependent adds). */
+static inline float dot_row(const float *q, const void *row, int dtype, int64_t D) {
+#ifdef __AVX512F__
+    if (D % 16 == 0) {  /* head dims 64, 128...: registers only, one horizontal sum at the end */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 r = dtype == DTYPE_BF16 ? load16_bf16((const uint16_t *)row + d, 0xffff)
+                                           : _mm512_loadu_ps((const float *)row + d);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), r, acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float lanes[16] = {0};
+    int64_t d = 0;
+    if (dtype == DTYPE_BF16) {
+        const uint16_t *r = (const uint16_t *)row;
+        for (; d + 16 <= D; d += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += q[d + j] * bf16_to_f32(r[d + j]);
+    } else {
+        const float *r = (const float *)row;
+        for (; d + 16 <= D; d += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += q[d + j] * r[d + j];
+    }
+    for (; d < D; d++) lanes[0] += q[d] * load_value(row, dtype, d);
+    for (int width = 8; width >= 1; width /= 2)  /* pairwise: 4 dependent steps, not 16 */
+        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
+    return lanes[0];
+}
+
+/* acc[0..D) += w * row (row in `dtype`) */
+static inline void add_scaled_row(float *acc, float w, const void *row, int dtype, int64_t D) {
+    if (dtype == DTYPE_BF16) {
+        const uint16_t *r = (const uint16_t *)row;
+        for (int64_t d = 0; d < D; d++) acc[d] += w * bf16_to_f32(r[d]);
+    } else {
+        const float *r = (const float *)row;
+        for (int64_t d = 0; d < D; d++) acc[d] += w * r[d];
+    }
+}
+
 /* Decode attention: one query token per sequence over its whole paged context.
  *     q (B, Hq, D); block_tables (B, max_blocks) int32; seq_lens (B,) int32 (context incl. the new token)
  *     out (B, Hq, D) = softmax(q . K^T * scale) V over the sequence's seq_lens[b] cached tokens
@@ -255,6 +318,7 @@ int smolvlm_paged_decode_attention(const void *q, const void *k_cache, const voi
             if (block_tables[b * max_blocks + i] < 0 || block_tables[b * max_blocks + i] >= num_blocks) return 3;
     }
     int64_t group = Hq / Hkv;
+    size_t elem = dtype == DTYPE_BF16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel for num_threads(num_threads) schedule(dynamic)
     for (int64_t item = 0; item < B * Hq; item++) {
@@ -268,23 +332,29 @@ int smolvlm_paged_decode_attention(const void *q, const void *k_cache, const voi
             free(scores); free(qf); free(acc);
             continue;
         }
-        for (int64_t d = 0; d < D; d++) qf[d] = load_value(q, dtype, (b * Hq + h) * D + d);
+        for (int64_t d = 0; d < D; d++) qf[d] = load_value(q, dtype, (b * Hq + h) * D + d) * scale;
+        const int32_t *table = block_tables + b * max_blocks;
+        int64_t row_bytes = Hkv * D * (int64_t)elem;  /* one token's K (or V) row, all KV heads */
+        /* token t = i * block_size + o lives at cache[table[i], o, kv_head, :]; walk block by block
+         * (no division per token) */
+#define FOR_EACH_TOKEN(cache, BODY)                                                                   \
+        for (int64_t i = 0, t = 0; t < len; i++) {                                                    \
+            const char *block = (const char *)(cache) + (table[i] * block_size * Hkv + kv_head) * D * (int64_t)elem; \
+            for (int64_t o = 0; o < block_size && t < len; o++, t++) {                                \
+                const char *row = block + o * row_bytes;                                              \
+                BODY                                                                                  \
+            }                                                                                         \
+        }
         float max_score = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {  /* scores of every context token */
-            int64_t slot = (int64_t)block_tables[b * max_blocks + t / block_size] * block_size + t % block_size;
-            int64_t base = (slot * Hkv + kv_head) * D;  /* k_cache[block, offset, kv_head, :] */
-            float s = 0;
-            for (int64_t d = 0; d < D; d++) s += qf[d] * load_value(k_cache, dtype, base + d);
-            scores[t] = s * scale;
-            if (scores[t] > max_score) max_score = scores[t];
-        }
+        FOR_EACH_TOKEN(k_cache, {
+            scores[t] = dot_row(qf, row, dtype, D);
+            max_score = scores[t] > max_score ? scores[t] : max_score;
+        })
         float total = 0;
-        for (int64_t t = 0; t < len; t++) { scores[t] = expf(scores[t] - max_score); total += scores[t]; }
-        for (int64_t t = 0; t < len; t++) {  /* weighted sum of the values */
-            int64_t slot = (int64_t)block_tables[b * max_blocks + t / block_size] * block_size + t % block_size;
-            int64_t base = (slot * Hkv + kv_head) * D;
-            for (int64_t d = 0; d < D; d++) acc[d] += scores[t] * load_value(v_cache, dtype, base + d);
-        }
+        for (int64_t t = 0; t < len; t++) scores[t] = softmax_exp(scores[t] - max_score);
+        for (int64_t t = 0; t < len; t++) total += scores[t];
+        FOR_EACH_TOKEN(v_cache, { add_scaled_row(acc, scores[t], row, dtype, D); })
+#undef FOR_EACH_TOKEN
         for (int64_t d = 0; d < D; d++)  /* an empty context (never in a decode step) gives zeros */
             store_value(out, dtype, (b * Hq + h) * D + d, len > 0 ? acc[d] / total : 0.0f);
         free(scores); free(qf); free(acc);
