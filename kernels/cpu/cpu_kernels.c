@@ -300,6 +300,41 @@ static inline void add_scaled_row(float *acc, float w, const void *row, int dtyp
     }
 }
 
+/* out[0..D) = sum over t < len of w[t] * (the row at element offset rows[t] of v_cache) */
+static void weighted_sum(const void *v_cache, const int64_t *rows, const float *w, int64_t len, int dtype,
+                         int64_t D, float *out) {
+#ifdef __AVX512F__
+    if (D == 64) {  /* the SmolVLM2 decoders' head size: the 4 accumulators stay in registers */
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (dtype == DTYPE_BF16) {
+            for (int64_t t = 0; t < len; t++) {
+                const uint16_t *r = (const uint16_t *)v_cache + rows[t];
+                __m512 wt = _mm512_set1_ps(w[t]);
+                a0 = _mm512_fmadd_ps(wt, load16_bf16(r, 0xffff), a0);
+                a1 = _mm512_fmadd_ps(wt, load16_bf16(r + 16, 0xffff), a1);
+                a2 = _mm512_fmadd_ps(wt, load16_bf16(r + 32, 0xffff), a2);
+                a3 = _mm512_fmadd_ps(wt, load16_bf16(r + 48, 0xffff), a3);
+            }
+        } else {
+            for (int64_t t = 0; t < len; t++) {
+                const float *r = (const float *)v_cache + rows[t];
+                __m512 wt = _mm512_set1_ps(w[t]);
+                a0 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(r), a0);
+                a1 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(r + 16), a1);
+                a2 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(r + 32), a2);
+                a3 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(r + 48), a3);
+            }
+        }
+        _mm512_storeu_ps(out, a0); _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2); _mm512_storeu_ps(out + 48, a3);
+        return;
+    }
+#endif
+    size_t elem = dtype == DTYPE_BF16 ? 2 : 4;
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (int64_t t = 0; t < len; t++) add_scaled_row(out, w[t], (const char *)v_cache + rows[t] * elem, dtype, D);
+}
+
 /* Decode attention: one query token per sequence over its whole paged context.
  *     q (B, Hq, D); block_tables (B, max_blocks) int32; seq_lens (B,) int32 (context incl. the new token)
  *     out (B, Hq, D) = softmax(q . K^T * scale) V over the sequence's seq_lens[b] cached tokens
@@ -325,38 +360,38 @@ int smolvlm_paged_decode_attention(const void *q, const void *k_cache, const voi
         int64_t b = item / Hq, h = item % Hq, kv_head = h / group;
         int64_t len = seq_lens[b];
         float *scores = (float *)malloc((size_t)(len > 0 ? len : 1) * sizeof(float));
+        int64_t *rows = (int64_t *)malloc((size_t)(len > 0 ? len : 1) * sizeof(int64_t));
         float *qf = (float *)malloc((size_t)D * sizeof(float));
-        float *acc = (float *)calloc((size_t)D, sizeof(float));
-        if (scores == NULL || qf == NULL || acc == NULL) {
+        float *acc = (float *)malloc((size_t)D * sizeof(float));
+        if (scores == NULL || rows == NULL || qf == NULL || acc == NULL) {
             failed = 1;
-            free(scores); free(qf); free(acc);
+            free(scores); free(rows); free(qf); free(acc);
             continue;
         }
         for (int64_t d = 0; d < D; d++) qf[d] = load_value(q, dtype, (b * Hq + h) * D + d) * scale;
+        /* where each context token's row lies (in elements; the same in k_cache and v_cache): token
+         * t = i * block_size + o is cache[table[i], o, kv_head, :]. Walked block by block, no division. */
         const int32_t *table = block_tables + b * max_blocks;
-        int64_t row_bytes = Hkv * D * (int64_t)elem;  /* one token's K (or V) row, all KV heads */
-        /* token t = i * block_size + o lives at cache[table[i], o, kv_head, :]; walk block by block
-         * (no division per token) */
-#define FOR_EACH_TOKEN(cache, BODY)                                                                   \
-        for (int64_t i = 0, t = 0; t < len; i++) {                                                    \
-            const char *block = (const char *)(cache) + (table[i] * block_size * Hkv + kv_head) * D * (int64_t)elem; \
-            for (int64_t o = 0; o < block_size && t < len; o++, t++) {                                \
-                const char *row = block + o * row_bytes;                                              \
-                BODY                                                                                  \
-            }                                                                                         \
-        }
+        for (int64_t i = 0, t = 0; t < len; i++)
+            for (int64_t o = 0; o < block_size && t < len; o++, t++)
+                rows[t] = (((int64_t)table[i] * block_size + o) * Hkv + kv_head) * D;
         float max_score = -INFINITY;
-        FOR_EACH_TOKEN(k_cache, {
-            scores[t] = dot_row(qf, row, dtype, D);
+        for (int64_t t = 0; t < len; t++) {
+            scores[t] = dot_row(qf, (const char *)k_cache + rows[t] * (int64_t)elem, dtype, D);
             max_score = scores[t] > max_score ? scores[t] : max_score;
-        })
-        float total = 0;
+        }
+        float lanes[16] = {0};  /* the softmax denominator in 16 partial sums (vectorises) */
         for (int64_t t = 0; t < len; t++) scores[t] = softmax_exp(scores[t] - max_score);
-        for (int64_t t = 0; t < len; t++) total += scores[t];
-        FOR_EACH_TOKEN(v_cache, { add_scaled_row(acc, scores[t], row, dtype, D); })
-#undef FOR_EACH_TOKEN
+        int64_t t = 0;
+        for (; t + 16 <= len; t += 16)
+            for (int j = 0; j < 16; j++) lanes[j] += scores[t + j];
+        for (; t < len; t++) lanes[0] += scores[t];
+        float total = 0;
+        for (int j = 0; j < 16; j++) total += lanes[j];
+        weighted_sum(v_cache, rows, scores, len, dtype, D, acc);
         for (int64_t d = 0; d < D; d++)  /* an empty context (never in a decode step) gives zeros */
             store_value(out, dtype, (b * Hq + h) * D + d, len > 0 ? acc[d] / total : 0.0f);
+        free(rows);
         free(scores); free(qf); free(acc);
     }
     return failed ? 2 : 0;
