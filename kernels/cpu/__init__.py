@@ -98,20 +98,23 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
-def _check_cpu(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t.device.type != "cpu":
+def _check_cpu(names: str, *tensors: torch.Tensor) -> None:
+    """Each tensor on the CPU and contiguous; `names` names them, comma-separated, for the error."""
+    for name, t in zip(names.split(", "), tensors):
+        if not t.is_cpu:
             raise ValueError(f"CpuKernels run on CPU tensors; {name} is on {t.device}")
         if not t.is_contiguous():
             raise ValueError(f"CpuKernels need contiguous tensors; {name} (shape {tuple(t.shape)}) is not")
 
 
-def _dtype_code(**tensors: torch.Tensor) -> int:
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_CODES:
-        found = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+def _dtype_code(names: str, *tensors: torch.Tensor) -> int:
+    """The dtype code shared by all `tensors` (float32 or bfloat16), else TypeError naming them."""
+    dtype = tensors[0].dtype
+    code = DTYPE_CODES.get(dtype)
+    if code is None or any(t.dtype != dtype for t in tensors):
+        found = ", ".join(f"{name} {t.dtype}" for name, t in zip(names.split(", "), tensors))
         raise TypeError(f"expected one dtype, float32 or bfloat16, for all of: {found}")
-    return DTYPE_CODES[next(iter(dtypes))]
+    return code
 
 
 class CpuKernels:
@@ -148,8 +151,8 @@ class CpuKernels:
         """Whether `matvec(x, weight)` applies (linear.DecodeKernels): CPU, fp32/bf16, a contiguous
         weight, at most `max_rows` rows."""
         return (
-            x.device.type == "cpu"
-            and weight.device.type == "cpu"
+            x.is_cpu
+            and weight.is_cpu
             and x.dtype in DTYPE_CODES
             and weight.dtype in DTYPE_CODES
             and weight.is_contiguous()
@@ -166,7 +169,7 @@ class CpuKernels:
             raise TypeError(f"matvec takes float32/bfloat16 tensors, got x {x.dtype} and weight {weight.dtype}")
         if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"shapes do not match: x {tuple(x.shape)} @ weight {tuple(weight.shape)}^T")
-        if x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+        if not (x.is_cpu and weight.is_cpu and weight.is_contiguous()):
             raise ValueError(f"matvec needs CPU tensors and a contiguous weight, got x on {x.device}, weight on "
                              f"{weight.device} with strides {weight.stride()}")
         x = x.contiguous()  # (..., K): the rows of x, back to back
@@ -180,7 +183,8 @@ class CpuKernels:
             out.data_ptr(), DTYPE_CODES[out.dtype],
             x.numel() // k, n, k, torch.get_num_threads(),
         )
-        self._status("smolvlm_matvec", status)
+        if status:
+            self._status("smolvlm_matvec", status)
         return out
 
     # ------------------------------------------------------------------ RMSNorm
@@ -188,7 +192,7 @@ class CpuKernels:
     def accepts_rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether `rms_norm` applies: CPU, one dtype (fp32/bf16), at most `max_rows` rows."""
         return (
-            x.device.type == "cpu"
+            x.is_cpu
             and x.dtype == weight.dtype
             and x.dtype in DTYPE_CODES
             and x.numel() <= self.max_rows * x.shape[-1]
@@ -196,15 +200,20 @@ class CpuKernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x (..., K), weight (K,) -> weight * (x / sqrt(mean(x^2) + eps)), as smolvlm.text.RMSNorm."""
+        # Checks kept to attribute reads (~60 calls per decoded token); _check_cpu / _dtype_code cost more.
         if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
             raise ValueError(f"rms_norm: x {tuple(x.shape)} does not end in weight's size {tuple(weight.shape)}")
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None or weight.dtype != x.dtype:
+            raise TypeError(f"rms_norm takes one dtype, float32 or bfloat16: x {x.dtype}, weight {weight.dtype}")
+        if not (x.is_cpu and weight.is_cpu and weight.is_contiguous()):
+            raise ValueError(f"rms_norm needs CPU tensors and a contiguous weight (x on {x.device}, weight on {weight.device})")
         x = x.contiguous()
-        _check_cpu(x=x, weight=weight)
-        code = _dtype_code(x=x, weight=weight)
         out = torch.empty_like(x)
         k = x.shape[-1]
         status = self._lib.smolvlm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), code, x.numel() // max(k, 1), k, eps)
-        self._status("smolvlm_rms_norm", status)
+        if status:
+            self._status("smolvlm_rms_norm", status)
         return out
 
     # ------------------------------------------------------------------ rotary embedding
@@ -212,7 +221,7 @@ class CpuKernels:
     def accepts_rotary(self, x: torch.Tensor, cos: torch.Tensor) -> bool:
         """Whether `rotary` applies: CPU, x (N, H, D) with contiguous heads, at most `max_rows` tokens."""
         return (
-            x.device.type == "cpu"
+            x.is_cpu
             and x.dim() == 3
             and x.dtype == cos.dtype
             and x.dtype in DTYPE_CODES
@@ -229,13 +238,15 @@ class CpuKernels:
         cos, sin = cos.contiguous(), sin.contiguous()
         if cos.shape != (n, d) or sin.shape != (n, d):
             raise ValueError(f"rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} should be ({n}, {d})")
-        _check_cpu(cos=cos, sin=sin)
-        code = _dtype_code(x=x, cos=cos, sin=sin)
-        if x.device.type != "cpu":
-            raise ValueError(f"CpuKernels run on CPU tensors; x is on {x.device}")
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None or cos.dtype != x.dtype or sin.dtype != x.dtype:
+            raise TypeError(f"rotary takes one dtype, float32 or bfloat16: x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}")
+        if not (x.is_cpu and cos.is_cpu and sin.is_cpu):
+            raise ValueError(f"CpuKernels run on CPU tensors; x is on {x.device}, cos on {cos.device}")
         out = torch.empty(n, h, d, dtype=x.dtype)
         status = self._lib.smolvlm_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), code, n, h, d, x.stride(0))
-        self._status("smolvlm_rotary", status)
+        if status:
+            self._status("smolvlm_rotary", status)
         return out
 
     # ------------------------------------------------------------------ paged KV cache
@@ -246,21 +257,22 @@ class CpuKernels:
         """key/value (N, Hkv, D) -> their slots of k_cache/v_cache [num_blocks, block_size, Hkv, D];
         slot_mapping (N,) int64, -1 = skip."""
         key, value = key.contiguous(), value.contiguous()
-        _check_cpu(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-        _dtype_code(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
-        if key.shape != value.shape or key.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
+        _check_cpu("key, value, k_cache, v_cache, slot_mapping", key, value, k_cache, v_cache, slot_mapping)
+        _dtype_code("key, value, k_cache, v_cache", key, value, k_cache, v_cache)
+        if key.dim() != 3 or key.shape != value.shape or key.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
             raise ValueError(
                 f"store_kv: key {tuple(key.shape)} / value {tuple(value.shape)} rows do not fit the caches "
                 f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
             )
         if slot_mapping.dtype != torch.int64 or slot_mapping.shape != key.shape[:1]:
             raise ValueError(f"slot_mapping must be int64 of shape ({key.shape[0]},), got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-        row_bytes = key[0].numel() * key.element_size() if key.shape[0] else 0
+        row_bytes = key.shape[1] * key.shape[2] * key.element_size()  # one token's K (or V), all heads
         status = self._lib.smolvlm_store_kv(
             key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
             key.shape[0], row_bytes, k_cache.shape[0] * k_cache.shape[1],
         )
-        self._status("smolvlm_store_kv", status)
+        if status:
+            self._status("smolvlm_store_kv", status)
 
     def paged_decode_attention(
         self,
@@ -275,8 +287,8 @@ class CpuKernels:
         block_tables (B, max_blocks) int32; seq_lens (B,) int32 -> (B, Hq, D)."""
         q = q.contiguous()
         block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
-        _check_cpu(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
-        code = _dtype_code(q=q, k_cache=k_cache, v_cache=v_cache)
+        _check_cpu("q, k_cache, v_cache, block_tables, seq_lens", q, k_cache, v_cache, block_tables, seq_lens)
+        code = _dtype_code("q, k_cache, v_cache", q, k_cache, v_cache)
         b, hq, d = q.shape
         num_blocks, block_size, hkv, d_cache = k_cache.shape
         if d != d_cache or hq % hkv or v_cache.shape != k_cache.shape:
@@ -291,5 +303,6 @@ class CpuKernels:
             block_tables.data_ptr(), seq_lens.data_ptr(), code,
             b, hq, hkv, d, block_size, block_tables.shape[1], num_blocks, scale, torch.get_num_threads(),
         )
-        self._status("smolvlm_paged_decode_attention", status)
+        if status:
+            self._status("smolvlm_paged_decode_attention", status)
         return out
