@@ -465,6 +465,14 @@ def test_build_without_compiler_says_how_to_avoid_it():
         CpuKernels.load(compiler="no-such-compiler-xyz")
 
 
+def test_build_in_an_unwritable_cache_says_so(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache dir would be inside a file
+    with pytest.raises(CpuKernelsUnavailable, match="XDG_CACHE_HOME"):
+        build()
+
+
 def test_build_caches_under_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)

@@ -14,8 +14,8 @@ the others replace 6-12 PyTorch ops each (a few microseconds of fixed cost per o
 The references they are tested against are the PyTorch code they replace (tests/test_cpu_kernels.py).
 
 Numerics: inputs convert to fp32 exactly, sums accumulate in fp32, each output is rounded once to its
-dtype (RMSNorm keeps the reference's two roundings): the same functions as PyTorch's, up to the order
-of the sums.
+dtype: the same functions as PyTorch's, up to the order of the sums. The elementwise ones keep the
+reference's per-op roundings (RMSNorm two, RoPE three: RoPE is bit-identical to its reference).
 
 The shared library is built with the system C compiler (`$CC`, else `cc`) and `-march=native`, and
 kept under `$XDG_CACHE_HOME/smolvlm` (default `~/.cache/smolvlm`), keyed by the source, the flags,
@@ -86,15 +86,20 @@ def build(compiler: str | None = None) -> Path:
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        result = subprocess.run([path, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CpuKernelsUnavailable(
-                f"compiling {SOURCE.name} with {path} failed (exit {result.returncode}):\n{result.stderr.strip()}"
-            )
-        os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            result = subprocess.run([path, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise CpuKernelsUnavailable(
+                    f"compiling {SOURCE.name} with {path} failed (exit {result.returncode}):\n{result.stderr.strip()}"
+                )
+            os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
+    except OSError as e:
+        raise CpuKernelsUnavailable(
+            f"cannot build the CPU kernels in {target.parent} ({e}); set $XDG_CACHE_HOME to a writable directory"
+        ) from None
     return target
 
 
