@@ -61,9 +61,17 @@ class SmolVLM(nn.Module):
             model = cls(config)
         if config.tie_word_embeddings:
             del model.lm_head.weight  # filled from embed_tokens below; not expected in the file
-        # On CPU every parameter goes into one huge-page-backed buffer (weights.huge_page_arena).
-        arena = huge_page_arena(model, dtype) if torch.device(device).type == "cpu" else None
-        load_weights(model, directory, dtype=dtype, device=device, into=arena)
+        # On CPU, weights go into one huge-page-backed buffer (weights.huge_page_arena): those converted
+        # to `dtype`, and those a decode step streams (decoder layers, final norm, LM head), which are
+        # read ~7% faster from huge pages; the rest stay memory-mapped from the file.
+        arena, streamed = None, frozenset()
+        if torch.device(device).type == "cpu":
+            arena = huge_page_arena(model, dtype)
+            prefixes = ("model.text_model.layers.", "model.text_model.norm.", "lm_head.")
+            if config.tie_word_embeddings:  # the LM head reads the embedding matrix
+                prefixes += ("model.text_model.embed_tokens.",)
+            streamed = frozenset(name for name in arena if name.startswith(prefixes))
+        load_weights(model, directory, dtype=dtype, device=device, into=arena, always_into=streamed)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32

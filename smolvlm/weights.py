@@ -84,7 +84,7 @@ def huge_page_arena(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     stops at page boundaries); (2) module order puts q/k/v and gate/up side by side, so the fused
     decode matrices (text.py, `fuse_projections`) are views of it instead of copies.
     The buffer is virtual memory until written: slots that `load_weights` leaves unused (tensors
-    used as mapped from the file, with no conversion) cost nothing. It lives as long as its views.
+    used as mapped from the file) cost nothing. It lives as long as its views.
     """
     element = torch.empty((), dtype=dtype).element_size()
     offsets: dict[str, tuple[int, torch.Size]] = {}
@@ -108,13 +108,16 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     into: dict[str, torch.Tensor] | None = None,
+    always_into: frozenset[str] = frozenset(),
 ) -> None:
     """Fill every parameter of `model` (which may live on the meta device) from the safetensors files.
 
     Tensors are converted to `dtype` and moved to `device` one at a time, then assigned in place of
     the module's parameters (`load_state_dict(assign=True)`), so no random init and no second copy.
-    `into`: preallocated destinations by name (`huge_page_arena`) for the tensors that need a dtype
-    conversion, converted into directly.
+    `into`: preallocated destinations by name (`huge_page_arena`). A tensor is converted straight into
+    its destination when it needs a dtype conversion (a copy is made anyway) or when its name is in
+    `always_into` (weights every decode step streams, for which huge pages pay for the copy); any other
+    tensor is used as memory-mapped from the file, and its destination is never touched.
     Floating-point tensors only are cast; buffers that are not in the checkpoint (RoPE frequencies)
     stay as the model built them.
     """
@@ -144,10 +147,8 @@ def load_weights(
                 tensor = handle.get_tensor(name)
             if not tensor.is_floating_point():
                 raise CheckpointError(f"tensor {name} has non-float dtype {tensor.dtype}")
-            if into is not None and name in into and tensor.dtype != dtype:
-                # A converted copy is made anyway: make it in the arena. (Same dtype: the memory-mapped
-                # tensor is used as is, and its arena slot is never touched, so it costs no memory.)
-                state[name] = into[name].copy_(tensor)
+            if into is not None and name in into and (tensor.dtype != dtype or name in always_into):
+                state[name] = into[name].copy_(tensor)  # converts on the way
             else:
                 state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshaped})

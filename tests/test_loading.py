@@ -206,25 +206,30 @@ def test_tied_embeddings_checkpoint(tiny_copy):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_weights_equal_the_file_and_fused_matrices_are_views(tiny_ckpt, dtype):
-    """bf16 from an fp32 file: every converted tensor lands in the huge-page arena (weights.huge_page_arena)
-    and the fused q/k/v and gate/up matrices are views spanning the adjacent originals (no copy);
-    fp32: tensors are used as read from the file, and the fused matrices are concatenated copies.
-    Either way every parameter equals the file's tensor converted, and the fused rows equal the parts."""
+    """On CPU the decoder's weights (streamed by every decode step) always land in the huge-page arena
+    (weights.huge_page_arena), so the fused q/k/v and gate/up matrices are views spanning the adjacent
+    originals (no copy); other weights go there only when converted (bf16 from this fp32 file) and are
+    otherwise used as memory-mapped. Either way every parameter equals the file's tensor converted."""
     model = SmolVLM.from_pretrained(tiny_ckpt, dtype=dtype)
     file = load_file(str(tiny_ckpt / "model.safetensors"))
     params = dict(model.named_parameters())
     for name, tensor in file.items():
         assert torch.equal(params[name], tensor.to(dtype)), name
-    arena_storage = model.model.text_model.layers[0].input_layernorm.weight.untyped_storage().data_ptr()
-    for layer in model.model.text_model.layers:
+    text = model.model.text_model
+    arena = text.layers[0].input_layernorm.weight.untyped_storage().data_ptr()
+    for layer in text.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
         assert torch.equal(mlp.gate_up_weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         # the originals are views of the fused matrix (an in-place edit of q_proj is seen by the fused path)
         assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
         assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
-        in_arena = attn.qkv_weight.untyped_storage().data_ptr() == arena_storage
-        assert in_arena == (dtype == torch.bfloat16), "bf16 weights live in the arena, fp32 ones in the file's map"
+        assert attn.qkv_weight.untyped_storage().data_ptr() == arena
+        assert mlp.down_proj.weight.untyped_storage().data_ptr() == arena
+    assert model.lm_head.weight.untyped_storage().data_ptr() == arena
+    vision_weight = model.model.vision_model.encoder.layers[0].mlp.fc1.weight
+    assert (vision_weight.untyped_storage().data_ptr() == arena) == (dtype == torch.bfloat16), \
+        "vision weights go to the arena only when converted"
 
 
 def test_cpu_kernels_do_not_import_triton(tiny_ckpt):
