@@ -454,6 +454,9 @@ def child_main(connection, framework: str, dtype_name: str, model_dir: str, thre
         info = {"load_s": runner.load_s, "rss_after_load_mb": peak_rss_mb()}
         if framework == "smolvlm":
             info["weight_bytes_per_token"] = runner.weight_bytes_per_token()
+            engine = runner.engine
+            info["decode_path"] = (f"C decode kernels {'on' if engine.cpu_kernels is not None else 'off'}, "
+                                   f"attention backend `{engine.backend.name}`")
         start = time.perf_counter()
         runner.warm_up({k: Path(v) for k, v in media.items()})
         info["warm_up_s"] = time.perf_counter() - start
@@ -629,7 +632,7 @@ def run_benchmark(args) -> dict:
         while f.read(64 << 20):
             pass
 
-    options = {"smolvlm": {}}
+    options = {"smolvlm": {"cpu_kernels": args.smolvlm_cpu_kernels}}
     if args.smolvlm_kv_cache_mb is not None:
         options["smolvlm"]["kv_cache_memory"] = args.smolvlm_kv_cache_mb << 20
 
@@ -843,7 +846,8 @@ def markdown(report: dict) -> str:
             "",
             f"Load (checkpoint -> ready model and processor, median over the scenarios' processes): "
             f"{fmt_pair(load.get('smolvlm'), load.get('transformers'), 's', False)}. "
-            f"Weights read per decoded token: {s['_weight_bytes_per_token'] / 1e6:.0f} MB.",
+            f"Weights read per decoded token: {s['_weight_bytes_per_token'] / 1e6:.0f} MB. "
+            f"smolvlm decode path: {run['children']['smolvlm'][0].get('decode_path', 'not recorded')}.",
             "",
             "| scenario | prompt tokens | preprocess | vision | prefill | TTFT | decode tok/s | decode / limit (ours, theirs) | peak RSS MiB | same tokens | others' CPU |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -935,6 +939,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     parser.add_argument("--quick", action="store_true", help="smoke run: short answers, text/photo/video12/batch8, 1 repeat")
     parser.add_argument("--smolvlm-kv-cache-mb", type=int, default=None, help="smolvlm KV-cache budget (default: the engine's)")
+    parser.add_argument("--smolvlm-cpu-kernels", choices=["auto", "c", "torch"], default="auto",
+                        help="smolvlm's CPU decode path (EngineConfig.cpu_kernels; default: the engine's, auto)")
     parser.add_argument("--retries", type=int, default=2,
                         help=f"run a sample again (up to this many times) when other processes took > {CONTENDED * 100:.0f}%% of the CPU")
     parser.add_argument("--quiet-wait", type=float, default=20.0,
