@@ -81,7 +81,8 @@ class SmolVLM(nn.Module):
 
     def set_kernels(self, kernels: DecodeKernels | None) -> None:
         """Run the decoder's and LM head's few-row steps (decode) through `kernels` (e.g.
-        `smolvlm_cpu_kernels.CpuKernels.load()`: products and RMSNorms), or in plain PyTorch with None.
+        `smolvlm_cpu_kernels.CpuKernels.load()`: weight products, RMSNorms, RoPE), or in plain PyTorch
+        with None. An `Engine` built around this model sets them (EngineConfig.cpu_kernels).
         The vision tower and connector always work on many rows and keep PyTorch's GEMM."""
         for module in [*self.model.text_model.modules(), self.lm_head]:
             if hasattr(module, "kernels"):

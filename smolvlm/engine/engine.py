@@ -96,8 +96,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
     # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,
-    # RMSNorm, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds, else
-    # "torch" with a warning. Ignored on CUDA.
+    # RMSNorm, RoPE, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds,
+    # else "torch" with a warning. Ignored on CUDA. The engine installs the choice on its model
+    # (SmolVLM.set_kernels), so the model's own few-row calls use it too.
     cpu_kernels: str = "auto"
 
 
