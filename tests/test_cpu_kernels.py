@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conversations import user
 from parity import max_abs_diff
 from smolvlm import SmolVLM
 from smolvlm.engine import Engine, SamplingParams
@@ -505,16 +506,6 @@ def kernel_calls(monkeypatch):
 
         monkeypatch.setattr(CpuKernels, name, counted)
     return calls
-
-
-def user(*items):
-    content = []
-    for item in items:
-        if isinstance(item, tuple):
-            content.append({"type": item[0], "path": str(item[1])})
-        else:
-            content.append({"type": "text", "text": item})
-    return [{"role": "user", "content": content}]
 
 
 def first_difference(a, b):

@@ -15,6 +15,8 @@ import torch
 from smolvlm.engine import Engine, PromptInputs, SamplingParams
 from smolvlm.engine.detokenizer import IncrementalDetokenizer
 
+from conversations import user
+
 import transformers  # noqa: E402,F401  the parity reference (dev extra): missing must fail, not skip
 
 NEW_TOKENS = 48
@@ -36,16 +38,6 @@ def media(photos, tmp_path_factory):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     paths["corrupt"] = corrupt
     return paths
-
-
-def user(*items):
-    content = []
-    for item in items:
-        if isinstance(item, tuple):
-            content.append({"type": item[0], "path": str(item[1])})
-        else:
-            content.append({"type": "text", "text": item})
-    return [{"role": "user", "content": content}]
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ The number of blocks comes from a memory budget (`num_blocks_for_budget`).
 
 from __future__ import annotations
 
+import math
 import mmap
 
-import numpy as np
 import torch
 
 from smolvlm.config import TextConfig
@@ -38,7 +38,7 @@ class KVCache:
             # pages are refused: a prefill writes a few KB into each of many blocks, and a first
             # touch of a huge page zeroes 2 MB, or stalls on memory compaction (measured: +0.35 s on
             # a 500-token prefill, one run in three, with numpy's zeros, which asks for huge pages).
-            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             self._buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
                 self._buffer.madvise(mmap.MADV_NOHUGEPAGE)
