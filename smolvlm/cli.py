@@ -170,7 +170,8 @@ def answer(engine, messages, params, options, show_stats: bool) -> str:
     start = time.perf_counter()
     first = None
     pieces = []
-    for piece in engine.stream(messages, params, **options):
+    stream = engine.stream(messages, params, **options)
+    for piece in stream:
         if first is None:
             first = time.perf_counter() - start
         pieces.append(piece)
@@ -180,7 +181,7 @@ def answer(engine, messages, params, options, show_stats: bool) -> str:
     sys.stdout.flush()
     if show_stats:
         total = time.perf_counter() - start
-        result = engine.last_result
+        result = stream.result
         print(
             f"[{result.num_prompt_tokens} prompt tokens, {result.num_cached_tokens} from the prefix cache, "
             f"{engine.stats.prefill_tokens - before} prefilled; {len(result.token_ids)} new tokens; "

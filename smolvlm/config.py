@@ -139,9 +139,9 @@ class TextConfig:
             raise ConfigError(f"config.json: text_config.hidden_act {self.hidden_act!r} is not supported (only silu)")
 
     @property
-    def num_query_groups(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
+    def softmax_scale(self) -> float:
+        """Attention scores are q.k * head_dim^-0.5 (LlamaAttention.scaling)."""
+        return self.head_dim**-0.5
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":

@@ -18,7 +18,8 @@ from torch import nn
 
 from smolvlm.config import SmolVLMConfig
 from smolvlm.connector import Connector
-from smolvlm.linear import DecodeKernels, Linear
+from smolvlm.linear import Linear, call_with_ops
+from smolvlm.ops import TORCH_OPS, Ops
 from smolvlm.text import AttentionFn, CausalAttention, TextModel
 from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from_pixels, sdpa_attention
 from smolvlm.weights import huge_page_arena, load_weights, release_freed_memory, resolve_checkpoint
@@ -63,7 +64,7 @@ class SmolVLM(nn.Module):
             del model.lm_head.weight  # filled from embed_tokens below; not expected in the file
         # On CPU, weights go into one huge-page-backed buffer (weights.huge_page_arena): those converted
         # to `dtype`, and those a decode step streams (decoder layers, final norm, LM head), which are
-        # read ~7% faster from huge pages; the rest stay memory-mapped from the file.
+        # read faster from huge pages; the rest stay memory-mapped from the file.
         arena, streamed = None, frozenset()
         if torch.device(device).type == "cpu":
             arena = huge_page_arena(model, dtype)
@@ -75,18 +76,9 @@ class SmolVLM(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
-        model.model.text_model.fuse_projections()  # one matmul for q/k/v, one for gate/up (text.py)
+        model.model.text_model.pack_projections()  # q/k/v and gate/up back to back: one matmul each (text.py)
         release_freed_memory()  # the per-tensor conversion copies
         return model.eval()
-
-    def set_kernels(self, kernels: DecodeKernels | None) -> None:
-        """Run the decoder's and LM head's few-row steps (decode) through `kernels` (e.g.
-        `smolvlm_cpu_kernels.CpuKernels.load()`: weight products, RMSNorms, RoPE), or in plain PyTorch
-        with None. An `Engine` built around this model sets them (EngineConfig.cpu_kernels).
-        The vision tower and connector always work on many rows and keep PyTorch's GEMM."""
-        for module in [*self.model.text_model.modules(), self.lm_head]:
-            if hasattr(module, "kernels"):
-                module.kernels = kernels
 
     # ------------------------------------------------------------------ stages
 
@@ -151,33 +143,41 @@ class SmolVLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         image_features: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written at the `<image>` positions, in prompt order.
+        """Token embeddings with image features written at the image positions, in order.
 
-        input_ids (...,) -> (..., hidden). image_features (n_tiles, image_seq_len, hidden) or None.
-        (transformers: SmolVLMModel.inputs_merger)
+        input_ids (...,) -> (..., hidden). image_features (n_tiles, image_seq_len, hidden) or
+        (n_rows, hidden), or None. image_positions (n_rows,) int64 indexes the flattened input_ids
+        (the engine knows which tokens belong to images: a chunk may hold part of an image, and a
+        *generated* `<image>` token has no features); None means every `<image>` token, in prompt
+        order (transformers: SmolVLMModel.inputs_merger). The counts must agree.
         """
-        embeds = self.model.text_model.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
-        n_slots = int(is_image.sum())
-        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
-        if n_slots != n_features:
+        embeds = self.model.text_model.embed_tokens(input_ids)  # (..., hidden)
+        if image_positions is None:
+            image_positions = (input_ids.reshape(-1) == self.config.image_token_id).nonzero().squeeze(1)
+        n_rows = 0 if image_features is None else image_features.numel() // image_features.shape[-1]
+        if image_positions.numel() != n_rows:
             raise ImageTokenMismatchError(
-                f"the prompt has {n_slots} <image> tokens (id {self.config.image_token_id}) but the images give "
-                f"{n_features} features ({0 if image_features is None else image_features.shape[0]} tiles x "
-                f"{self.config.image_seq_len}); each image tile needs exactly {self.config.image_seq_len} "
-                f"<image> tokens, in order"
+                f"the prompt has {image_positions.numel()} image positions (<image> tokens, id "
+                f"{self.config.image_token_id}) but the images give {n_rows} features "
+                f"({n_rows / self.config.image_seq_len:g} tiles x {self.config.image_seq_len}); each image tile "
+                f"needs exactly {self.config.image_seq_len} <image> tokens, in order"
             )
-        if n_slots:
-            embeds = embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype).reshape(-1))
+        if n_rows:
+            rows = image_features.reshape(n_rows, -1).to(embeds.dtype)  # (n_rows, hidden)
+            flat = embeds.reshape(-1, embeds.shape[-1])  # (n_tokens, hidden)
+            embeds = flat.index_copy(0, image_positions.to(flat.device), rows).view_as(embeds)
         return embeds
 
-    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
-        """The decoder stack: embeddings -> final-normed hidden states."""
-        return self.model.text_model(inputs_embeds, positions, attention)
+    def decode(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+    ) -> torch.Tensor:
+        """The decoder stack: embeddings -> final-normed hidden states. `ops`: see ops.py."""
+        return self.model.text_model(inputs_embeds, positions, attention, ops)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, ops: Ops = TORCH_OPS) -> torch.Tensor:
+        return call_with_ops(self.lm_head, hidden, ops)
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -188,11 +188,13 @@ class SmolVLM(nn.Module):
         pixel_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        ops: Ops = TORCH_OPS,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), no cache.
 
         `attention_mask` (B, T) marks real tokens of a left-padded batch; positions then count real
-        tokens only (cumsum - 1), unless `position_ids` are given.
+        tokens only (cumsum - 1), unless `position_ids` are given. `ops`: the few-row operations
+        (ops.py); the default is the plain-PyTorch reference.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids should be (B, T), got shape {tuple(input_ids.shape)}")
@@ -208,5 +210,5 @@ class SmolVLM(nn.Module):
             else:
                 position_ids = (attention_mask.to(self.device).long().cumsum(-1) - 1).clamp(min=0)
         attention = CausalAttention(attention_mask, input_ids.shape[1], self.device)
-        hidden = self.decode(embeds, position_ids.to(self.device), attention)  # (B, T, D)
-        return self.logits(hidden)
+        hidden = self.decode(embeds, position_ids.to(self.device), attention, ops)  # (B, T, D)
+        return self.logits(hidden, ops)

@@ -4,22 +4,21 @@ Matches `LlamaModel` (transformers/models/llama/modeling_llama.py): pre-norm RMS
 fp32), rotary position embeddings (rotate-half, non-interleaved), grouped-query attention, SwiGLU
 MLP, final RMSNorm. The LM head lives in `model.py`.
 
-Attention is the one piece that changes between uses (a whole prompt at once for parity tests and
-`SmolVLM.forward`, a paged KV cache in the engine, a Triton kernel on GPU), so the decoder does not
-compute it itself: every layer calls an *attention function* passed in by the caller,
+Two things change between uses, so the decoder takes both as arguments instead of holding them:
 
-    attention(layer_idx, q, k, v) -> out      q (..., Hq, D), k/v (..., Hkv, D), out (..., Hq, D)
+- *attention*: a whole prompt at once (`CausalAttention` below, for `SmolVLM.forward`), or the
+  engine's paged KV cache, or a Triton kernel. Every layer calls
+      attention(layer_idx, q, k, v, scale) -> out   q (..., Hq, D), k/v (..., Hkv, D), out (..., Hq, D)
+  where `...` is whatever token layout the caller uses ((B, T) here, flat (N,) in the engine).
+- *ops*: the few-row operations (weight products, RMSNorm, RoPE; ops.py). `TORCH_OPS` is the
+  reference; an engine on CPU passes C kernels for its decode steps.
 
-where `...` is whatever token layout the caller uses ((B, T) here, flat (N,) in the engine).
-`CausalAttention` below is the plain one.
-
-Fused projections (speed, not a different function): after loading, `TextModel.fuse_projections()`
-concatenates the weights listed in FUSED_PROJECTIONS into one matrix per group, so a decode step runs
-one matrix-vector product where it ran three (q/k/v) or two (gate/up); steps of FUSED_MAX_ROWS tokens
-or more (prefill) keep the separate products, which are faster there. The checkpoint's parameters
-stay, as views into the fused matrix: `layers[i].self_attn.q_proj.weight` is still the checkpoint's
-tensor (same name, same memory), so in-place edits of it are seen by the fused path. Replacing a
-parameter object after fusing is not: call `fuse_projections()` again.
+Fused projections (speed, not a different function): a step of fewer than FUSED_MAX_ROWS tokens
+runs q/k/v as one matrix product and gate/up as another, over a matrix that is a *view* spanning the
+checkpoint's own weights where they lie back to back in memory (`fused_weight`; `SmolVLM.from_pretrained`
+lays them out so). Nothing is copied and nothing is cached: each call reads the modules' current
+weights, and when they are not plain adjacent `Linear`s (a replaced weight, a wrapped or hooked
+projection, weights that need gradients) the step calls the modules one by one instead.
 """
 
 from __future__ import annotations
@@ -31,21 +30,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import TextConfig
-from smolvlm.linear import Embedding, Linear, DecodeKernels, linear, scaled_dot_product_attention
+from smolvlm.linear import Embedding, Linear, call_with_ops, scaled_dot_product_attention
+from smolvlm.ops import TORCH_OPS, Ops
 
 
-# The fused matrices serve steps of few tokens (decode: +10% tokens/s in bf16, +5% in fp32 here);
-# long prefills are faster with the separate matrices (-13% with fused ones in fp32, 1,141 tokens).
+# The fused products serve steps of few tokens (decode); long prefills are faster with the separate
+# matrices (measurements: docs/benchmarks.md).
 FUSED_MAX_ROWS = 64
-# fused matrix -> the checkpoint's projections it concatenates (rows in this order)
-FUSED_PROJECTIONS = {
-    "self_attn.qkv_weight": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_weight": ("mlp.gate_proj", "mlp.up_proj"),
-}
+# the projections whose weights are laid out back to back, so one matrix product can run them all
+FUSED_PROJECTIONS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
 
 
 class AttentionFn(Protocol):
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -53,16 +55,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernels: DecodeKernels | None = None  # decode rows in one kernel call (linear.py), set by SmolVLM.set_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and self.kernels.accepts_rms_norm(x, self.weight):
-            return self.kernels.rms_norm(x, self.weight, self.eps)
-        # fp32 island: the variance and the normalisation run in fp32, the weight multiplies in the
-        # input dtype (transformers: LlamaRMSNorm.forward). F.rms_norm without a weight is the same
-        # x * rsqrt(mean(x^2) + eps), in one op (bitwise equal on CPU, checked in tests).
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+    takes_ops = True  # call_with_ops hands it the step's ops
+
+    def forward(self, x: torch.Tensor, ops: Ops = TORCH_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)  # fp32 island inside (ops.rms_norm)
 
 
 class RotaryEmbedding(nn.Module):
@@ -82,21 +79,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: DecodeKernels | None = None
-) -> torch.Tensor:
-    """x (..., H, D); cos/sin (..., D), broadcast over heads. `kernels`: see linear.py."""
-    if kernels is not None and kernels.accepts_rotary(x, cos):
-        return kernels.rotary(x, cos, sin)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, D)
-    return x * cos + rotate_half(x) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
@@ -104,28 +86,30 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = config.softmax_scale
         d = config.hidden_size
         self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=False)
         self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
-        self.qkv_weight: torch.Tensor | None = None  # ((Hq + 2 Hkv) * D, hidden), set by fuse_projections
-        self.kernels: DecodeKernels | None = None  # for the fused product (linear.py), set by SmolVLM.set_kernels
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+    ) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, T) or (N,)
         hq, hkv = self.num_heads, self.num_kv_heads
-        if self.qkv_weight is not None and x.numel() < FUSED_MAX_ROWS * x.shape[-1]:
-            qkv = linear(x, self.qkv_weight, kernels=self.kernels).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
-            qk = apply_rotary(qkv[..., : hq + hkv, :], cos, sin, self.kernels)  # q and k heads rotated together
+        qkv_weight = fused_weight(x, self.q_proj, self.k_proj, self.v_proj)  # ((Hq + 2 Hkv) * D, hidden) or None
+        if qkv_weight is not None:
+            qkv = ops.linear(x, qkv_weight).view(*lead, hq + 2 * hkv, self.head_dim)  # (..., Hq+2Hkv, D)
+            qk = ops.rotary(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated together
             q, k, v = qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv :, :]
         else:
-            q = self.q_proj(x).view(*lead, hq, self.head_dim)  # (..., Hq, D)
-            k = self.k_proj(x).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
-            v = self.v_proj(x).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(self.layer_idx, q, k, v)  # (..., Hq, D)
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+            q = call_with_ops(self.q_proj, x, ops).view(*lead, hq, self.head_dim)  # (..., Hq, D)
+            k = call_with_ops(self.k_proj, x, ops).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
+            v = call_with_ops(self.v_proj, x, ops).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
+            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+        out = attention(self.layer_idx, q, k, v, self.scale)  # (..., Hq, D)
+        return call_with_ops(self.o_proj, out.reshape(*lead, hq * self.head_dim), ops)
 
 
 class MLP(nn.Module):
@@ -136,14 +120,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # (2 * intermediate, hidden), set by fuse_projections
-        self.kernels: DecodeKernels | None = None  # for the fused product (linear.py), set by SmolVLM.set_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None and x.numel() < FUSED_MAX_ROWS * x.shape[-1]:
-            gate, up = linear(x, self.gate_up_weight, kernels=self.kernels).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: Ops = TORCH_OPS) -> torch.Tensor:
+        gate_up_weight = fused_weight(x, self.gate_proj, self.up_proj)  # (2 * intermediate, hidden) or None
+        if gate_up_weight is not None:
+            gate, up = ops.linear(x, gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = call_with_ops(self.gate_proj, x, ops), call_with_ops(self.up_proj, x, ops)
+        return call_with_ops(self.down_proj, F.silu(gate) * up, ops)
 
 
 class DecoderLayer(nn.Module):
@@ -154,9 +138,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+    ) -> torch.Tensor:
+        x = x + self.self_attn(call_with_ops(self.input_layernorm, x, ops), cos, sin, attention, ops)
+        return x + self.mlp(call_with_ops(self.post_attention_layernorm, x, ops), ops)
 
 
 class TextModel(nn.Module):
@@ -171,48 +157,73 @@ class TextModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """Concatenate q/k/v and gate/up weights (FUSED_PROJECTIONS); the originals become views of them.
+    def pack_projections(self) -> None:
+        """Lay each group of FUSED_PROJECTIONS out back to back in memory, so `fused_weight` finds them.
 
-        Weights already side by side in memory (loaded into `weights.huge_page_arena`, in module order)
-        are concatenated as they lie: the fused matrix is a view spanning them, nothing is copied."""
+        Weights already adjacent (loaded into `weights.huge_page_arena` in module order) stay where
+        they are; others are concatenated once and their parameters become views of the result (same
+        names, same values). Purely a layout: the model computes the same with or without it."""
         for layer in self.layers:
-            for fused_name, parts in FUSED_PROJECTIONS.items():
-                owner_name, attr = fused_name.rsplit(".", 1)
-                owner = layer.get_submodule(owner_name)
-                weights = [layer.get_submodule(p).weight for p in parts]
-                fused = _adjacent_rows(weights)
-                if fused is None:
-                    fused = torch.cat(weights)  # (sum of out_features, hidden)
-                    start = 0
-                    for p, w in zip(parts, weights):
-                        rows = w.shape[0]
-                        layer.get_submodule(p).weight = nn.Parameter(fused[start : start + rows], requires_grad=w.requires_grad)
-                        start += rows
-                setattr(owner, attr, fused)
+            for parts in FUSED_PROJECTIONS:
+                modules = [layer.get_submodule(p) for p in parts]
+                weights = [m.weight for m in modules]
+                if _adjacent_rows(weights) is not None:
+                    continue
+                packed = torch.cat(weights)  # (sum of out_features, hidden)
+                start = 0
+                for m, w in zip(modules, weights):
+                    m.weight = nn.Parameter(packed[start : start + w.shape[0]], requires_grad=w.requires_grad)
+                    start += w.shape[0]
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+    def forward(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+    ) -> torch.Tensor:
         """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden)."""
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)  # (..., D) each, shared by all layers
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, attention)
-        return self.norm(x)
+            x = layer(x, cos, sin, attention, ops)
+        return call_with_ops(self.norm, x, ops)
+
+
+def fused_weight(x: torch.Tensor, *projections: nn.Module) -> torch.Tensor | None:
+    """One (sum of out_features, in_features) matrix computing all `projections` of `x` at once, when
+    that provably equals calling them: a step of few rows, plain bias-free `Linear`s with no hooks,
+    weights that need no gradient, lying back to back in one storage (the matrix is a view of them).
+    Else None: the caller runs the projections one by one."""
+    if x.numel() >= FUSED_MAX_ROWS * x.shape[-1] or _global_hooks():
+        return None
+    for m in projections:
+        if type(m) is not Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    weights = [m.weight for m in projections]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None  # the view is not connected to the parameters in autograd
+    return _adjacent_rows(weights)
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module (nn.modules.module.register_module_forward_hook)
+    exist: they expect to see each projection's own call."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
     """torch.cat(weights) as a view, when the (rows, K) matrices lie back to back in one storage; else None."""
     first = weights[0]
-    if not all(w.is_contiguous() and w.dim() == 2 and w.shape[1] == first.shape[1] for w in weights):
+    if not all(w.is_contiguous() and w.dim() == 2 and w.shape[1] == first.shape[1] and w.dtype == first.dtype
+               for w in weights):
         return None
+    storage = first.untyped_storage().data_ptr()
     position = first.storage_offset()
     for w in weights:
-        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.storage_offset() != position:
+        if w.storage_offset() != position or w.untyped_storage().data_ptr() != storage:
             return None
         position += w.numel()
     rows = sum(w.shape[0] for w in weights)
-    fused = torch.empty(0, dtype=first.dtype, device=first.device)
-    return fused.set_(first.untyped_storage(), first.storage_offset(), (rows, first.shape[1]))
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))  # (sum of rows, K)
 
 
 class CausalAttention:
@@ -232,11 +243,11 @@ class CausalAttention:
             diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
             self.mask = (causal & keys) | diagonal  # (B, 1, T, T)
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # (B, T, H, D) -> (B, H, T, D) for SDPA; KV heads are shared by groups of query heads (GQA).
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.mask is None:
-            out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            out = scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+            out = scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)  # (B, T, Hq, D)

@@ -111,13 +111,13 @@ def test_different_images_with_identical_tokens_never_share():
     m = BlockManager(num_blocks=16, block_size=BS)
     image_token = 7
     tokens = [1, 2] + [image_token] * 8 + [3, 4, 5]  # the image covers positions 2..9
-    a = make_seq(0, tokens, [ImageSpan(2, 10, "cat")])
+    a = make_seq(0, tokens, [ImageSpan(tuple(range(2, 10)), "cat")])
     m.allocate(a)
     computed(m, a)
-    other = make_seq(1, tokens, [ImageSpan(2, 10, "dog")])
+    other = make_seq(1, tokens, [ImageSpan(tuple(range(2, 10)), "dog")])
     m.allocate(other)
     assert other.num_cached_tokens == 0  # block 0 already covers the image: no hit at all
-    same = make_seq(2, tokens, [ImageSpan(2, 10, "cat")])
+    same = make_seq(2, tokens, [ImageSpan(tuple(range(2, 10)), "cat")])
     m.allocate(same)
     assert same.num_cached_tokens == 12 and same.block_table[:3] == a.block_table[:3]
 

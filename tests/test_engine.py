@@ -226,7 +226,7 @@ def test_two_images_with_identical_text_never_share_kv(tiny_ckpt, media):
     [expected] = make_engine(tiny_ckpt, enable_prefix_caching=False).generate([coffee], params)
     assert b.token_ids == expected.token_ids, first_difference(b.token_ids, expected.token_ids)
     ids = engine.prepare(coffee).input_ids
-    first_image_token = ids.index(engine.image_token_id)
+    first_image_token = ids.index(engine.model.config.image_token_id)
     assert b.num_cached_tokens <= first_image_token, (
         f"{b.num_cached_tokens} tokens reused though the image starts at {first_image_token}"
     )
@@ -295,11 +295,11 @@ def test_generated_image_token_is_a_plain_token(tiny_ckpt, conversations):
     def sampler(logits, seq_ids, params, token_ids):
         tokens = real_sampler(logits, seq_ids, params, token_ids)
         calls.append(1)
-        return [engine.image_token_id] * len(tokens) if len(calls) <= 2 else tokens
+        return [engine.model.config.image_token_id] * len(tokens) if len(calls) <= 2 else tokens
 
     engine.runner.sampler = sampler
     [result] = engine.generate([conversations["image"]], SamplingParams(max_new_tokens=6))
-    assert result.error is None and result.token_ids[:2] == [engine.image_token_id] * 2 and len(result.token_ids) == 6
+    assert result.error is None and result.token_ids[:2] == [engine.model.config.image_token_id] * 2 and len(result.token_ids) == 6
     assert_pool_empty(engine)
 
 

@@ -37,21 +37,7 @@ def make_step(query_lens, context_lens, rng):
         table, blocks = blocks[:n], blocks[n:]
         tables.append(table)
         slots += [table[p // BS] * BS + p % BS for p in range(k_len - q_len, k_len)]
-    width = max(len(t) for t in tables)
-    cu = [0]
-    for n in query_lens:
-        cu.append(cu[-1] + n)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        seq_lens=torch.tensor(context_lens, dtype=torch.int32),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-        num_decodes=sum(1 for n in query_lens if n == 1),
-        max_seqlen_q=max(query_lens),
-        max_seqlen_k=max(context_lens),
-        query_lens=list(query_lens),
-        seq_lens_host=list(context_lens),
-    )
+    return AttentionMetadata.build(slots, tables, query_lens, context_lens, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -77,7 +63,7 @@ def test_paged_attention_matches_the_reference(query_lens, context_lens):
     scale = D**-0.5
 
     k_ref, v_ref = cache.k.clone(), cache.v.clone()
-    out = PagedAttention(cache, metadata, TorchBackend(), scale)(0, q, k, v)
+    out = PagedAttention(cache, metadata, TorchBackend())(0, q, k, v, scale)
 
     # the new K/V landed in their slots, nothing else moved
     k_ref.view(-1, HKV, D)[metadata.slot_mapping] = k

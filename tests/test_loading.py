@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smolvlm import CheckpointError, ConfigError, SmolVLM, SmolVLMConfig
-from smolvlm.text import CausalAttention
+from smolvlm.text import CausalAttention, fused_weight
 
 # The three published shapes (REFERENCE.md section 1), written as their config.json files do: the
 # 256M/500M vision configs omit num_hidden_layers and intermediate_size.
@@ -207,9 +207,9 @@ def test_tied_embeddings_checkpoint(tiny_copy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_weights_equal_the_file_and_fused_matrices_are_views(tiny_ckpt, dtype):
     """On CPU the decoder's weights (streamed by every decode step) always land in the huge-page arena
-    (weights.huge_page_arena), so the fused q/k/v and gate/up matrices are views spanning the adjacent
-    originals (no copy); other weights go there only when converted (bf16 from this fp32 file) and are
-    otherwise used as memory-mapped. Either way every parameter equals the file's tensor converted."""
+    (weights.huge_page_arena), so the fused q/k/v and gate/up matrices of a decode step are views spanning
+    the adjacent originals (no copy); other weights go there only when converted (bf16 from this fp32
+    file) and are otherwise used as memory-mapped. Either way every parameter equals the file's tensor converted."""
     model = SmolVLM.from_pretrained(tiny_ckpt, dtype=dtype)
     file = load_file(str(tiny_ckpt / "model.safetensors"))
     params = dict(model.named_parameters())
@@ -217,14 +217,18 @@ def test_weights_equal_the_file_and_fused_matrices_are_views(tiny_ckpt, dtype):
         assert torch.equal(params[name], tensor.to(dtype)), name
     text = model.model.text_model
     arena = text.layers[0].input_layernorm.weight.untyped_storage().data_ptr()
+    one_row = torch.zeros(1, text.config.hidden_size, dtype=dtype)  # a decode step's activations
     for layer in text.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        assert torch.equal(mlp.gate_up_weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        # the originals are views of the fused matrix (an in-place edit of q_proj is seen by the fused path)
-        assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
-        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
-        assert attn.qkv_weight.untyped_storage().data_ptr() == arena
+        with torch.no_grad():
+            qkv_weight = fused_weight(one_row, attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up_weight = fused_weight(one_row, mlp.gate_proj, mlp.up_proj)
+        assert torch.equal(qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        assert torch.equal(gate_up_weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        # the fused matrix is a view of the originals (an in-place edit of q_proj is seen by the fused path)
+        assert attn.q_proj.weight.data_ptr() == qkv_weight.data_ptr()
+        assert mlp.gate_proj.weight.data_ptr() == gate_up_weight.data_ptr()
+        assert qkv_weight.untyped_storage().data_ptr() == arena
         assert mlp.down_proj.weight.untyped_storage().data_ptr() == arena
     assert model.lm_head.weight.untyped_storage().data_ptr() == arena
     vision_weight = model.model.vision_model.encoder.layers[0].mlp.fc1.weight

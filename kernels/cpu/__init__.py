@@ -8,10 +8,11 @@
     out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 Why: in a decode step (one token per sequence) the model streams every weight from memory once and
-runs ~1,000 tiny ops. On this project's CPU (2 cores, AVX512-BF16, no AMX) PyTorch's bf16 F.linear
-reads weights at ~13 GB/s in a decode loop and the matvec kernel at ~23 GB/s (`tools/bench_matvec.py`);
-the others replace 6-12 PyTorch ops each (a few microseconds of fixed cost per op).
-The references they are tested against are the PyTorch code they replace (tests/test_cpu_kernels.py).
+runs ~1,000 tiny ops. PyTorch's bf16 F.linear reads the weights well below memory speed in a decode
+loop; `matvec` streams them near it (`tools/bench_matvec.py`, numbers in docs/benchmarks.md); the
+others replace 6-12 PyTorch ops each (a few microseconds of fixed cost per op). The references they
+are tested against are the PyTorch code they replace (tests/test_cpu_kernels.py). The model takes
+them through `smolvlm.ops.KernelOps`, as an argument of each call.
 
 Numerics: inputs convert to fp32 exactly, sums accumulate in fp32, each output is rounded once to its
 dtype: the same functions as PyTorch's, up to the order of the sums. The elementwise ones keep the
@@ -21,6 +22,11 @@ The shared library is built with the system C compiler (`$CC`, else `cc`) and `-
 kept under `$XDG_CACHE_HOME/smolvlm` (default `~/.cache/smolvlm`), keyed by the source, the flags,
 the compiler and this CPU's feature flags (a cache shared between machines never hands one another's
 instructions). No compiler, or a failed build: `load()` raises `CpuKernelsUnavailable` saying why.
+
+Two builds of the same source: the native one uses AVX-512 where the CPU has it; `load(generic=True)`
+(or `SMOLVLM_CPU_KERNELS_GENERIC=1` in the environment, for every load) compiles only the portable C
+paths, which are what a CPU without AVX-512 runs; the tests check both on any machine.
+`kernels.avx512` says which one was loaded.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
     "smolvlm_store_kv": [PTR, PTR, PTR, PTR, PTR, I64, I64, I64],
     "smolvlm_rotary": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64],
     "smolvlm_paged_decode_attention": [PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64, I64, I64, I64, FLOAT, INT],
+    "smolvlm_simd_avx512": [],
 }
+GENERIC_ENV = "SMOLVLM_CPU_KERNELS_GENERIC"  # "1": every load() builds the portable paths only
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -70,9 +78,11 @@ def _cache_dir() -> Path:
     return Path(root) / "smolvlm"
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile cpu_kernels.c (or reuse the cached build); the path of the shared library."""
+def build(compiler: str | None = None, generic: bool = False) -> Path:
+    """Compile cpu_kernels.c (or reuse the cached build); the path of the shared library.
+    `generic`: leave out the AVX-512 paths (-DSMOLVLM_GENERIC)."""
     compiler = compiler or os.environ.get("CC") or "cc"
+    flags = FLAGS + ["-DSMOLVLM_GENERIC"] if generic else FLAGS
     path = shutil.which(compiler)
     if path is None:
         raise CpuKernelsUnavailable(
@@ -81,7 +91,7 @@ def build(compiler: str | None = None) -> Path:
         )
     version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(FLAGS), path, *version, _cpu_flags()]).encode()
+        "\n".join([SOURCE.read_text(), " ".join(flags), path, *version, _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -90,7 +100,7 @@ def build(compiler: str | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            result = subprocess.run([path, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+            result = subprocess.run([path, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 raise CpuKernelsUnavailable(
                     f"compiling {SOURCE.name} with {path} failed (exit {result.returncode}):\n{result.stderr.strip()}"
@@ -125,9 +135,8 @@ def _dtype_code(names: str, *tensors: torch.Tensor) -> int:
 class CpuKernels:
     """The compiled kernels, with input checks. Build with `load()`."""
 
-    # Rows up to which `matvec` beats PyTorch's matmul here (tools/bench_matvec.py, 2 threads: bf16
-    # 1.9x at 1 row, 1.3x at 8, even at 16; fp32 1.0-1.6x up to 8, 0.9x at 16): beyond, the arithmetic
-    # (the kernel does no cache blocking) outweighs the weight traffic that it saves.
+    # Rows up to which `matvec` beats PyTorch's matmul (tools/bench_matvec.py; docs/benchmarks.md):
+    # beyond, the arithmetic (the kernel does no cache blocking) outweighs the weight traffic it saves.
     max_rows = 8
 
     def __init__(self, library: ctypes.CDLL):
@@ -135,10 +144,18 @@ class CpuKernels:
             fn = getattr(library, name)
             fn.restype, fn.argtypes = ctypes.c_int, argtypes
         self._lib = library
+        self.avx512 = bool(library.smolvlm_simd_avx512())  # False: the portable C paths
+
+    def __repr__(self) -> str:
+        return f"CpuKernels({'avx512' if self.avx512 else 'generic'})"
 
     @classmethod
-    def load(cls, compiler: str | None = None) -> "CpuKernels":
-        path = build(compiler)
+    def load(cls, compiler: str | None = None, generic: bool | None = None) -> "CpuKernels":
+        """Build (or reuse) and load the library. `generic`: portable paths only; default from
+        $SMOLVLM_CPU_KERNELS_GENERIC."""
+        if generic is None:
+            generic = os.environ.get(GENERIC_ENV, "") not in ("", "0")
+        path = build(compiler, generic)
         try:
             return cls(ctypes.CDLL(str(path)))
         except (OSError, AttributeError) as e:

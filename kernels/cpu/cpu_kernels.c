@@ -21,14 +21,20 @@
  * Threads: OpenMP over blocks of output rows. PyTorch's wheels ship libgomp under the same soname, so
  * this library joins PyTorch's thread pool (and torch.set_num_threads) instead of starting its own.
  *
- * Compiled with `cc -O3 -march=native -fopenmp`.
+ * Compiled with `cc -O3 -march=native -fopenmp` (plus -DSMOLVLM_GENERIC for the portable paths only).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
-#ifdef __AVX512F__
+/* The AVX-512 paths are compiled where the compiler targets AVX-512 (-march=native on such a CPU),
+ * unless SMOLVLM_GENERIC is defined: then every kernel takes its portable C path, which is what a
+ * CPU without AVX-512 runs, and which the tests build and check on any machine. */
+#if defined(__AVX512F__) && !defined(SMOLVLM_GENERIC)
+#define SMOLVLM_AVX512 1
 #include <immintrin.h>
+#else
+#define SMOLVLM_AVX512 0
 #endif
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
@@ -60,7 +66,7 @@ static inline uint16_t f32_to_bf16(float f) {
  * all MR rows. Defined once per (weight type, NR, MR) by the macro; LOAD converts 16 weights to fp32. */
 typedef void (*dot_fn)(const void *w, int64_t K, const float *x, float *out);
 
-#ifdef __AVX512F__
+#if SMOLVLM_AVX512
 /* 16 weights starting at p (the first ones selected by mask m; the rest read as 0) -> 16 fp32 lanes */
 static inline __m512 load16_bf16(const uint16_t *p, __mmask16 m) {
     __m256i h = _mm256_maskz_loadu_epi16(m, p);                                       /* 16 x u16 */
@@ -261,7 +267,7 @@ static inline float softmax_exp(float x) {
 /* dot(q, row) over D values, row in `dtype`: 16 independent partial sums, so the loop vectorises
  * (one running sum would be a chain of dependent adds). */
 static inline float dot_row(const float *q, const void *row, int dtype, int64_t D) {
-#ifdef __AVX512F__
+#if SMOLVLM_AVX512
     if (D % 16 == 0) {  /* head dims 64, 128...: registers only, one horizontal sum at the end */
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
@@ -303,7 +309,7 @@ static inline void add_scaled_row(float *acc, float w, const void *row, int dtyp
 /* out[0..D) = sum over t < len of w[t] * (the row at element offset rows[t] of v_cache) */
 static void weighted_sum(const void *v_cache, const int64_t *rows, const float *w, int64_t len, int dtype,
                          int64_t D, float *out) {
-#ifdef __AVX512F__
+#if SMOLVLM_AVX512
     if (D == 64) {  /* the SmolVLM2 decoders' head size: the 4 accumulators stay in registers */
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (dtype == DTYPE_BF16) {
@@ -421,3 +427,6 @@ int smolvlm_rotary(const void *x, const void *cos, const void *sin, void *out, i
         }
     return 0;
 }
+
+/* 1 when the AVX-512 paths were compiled in, 0 for the portable C paths. */
+int smolvlm_simd_avx512(void) { return SMOLVLM_AVX512; }

@@ -1,6 +1,6 @@
 """Decoder attention over the paged KV cache: the metadata of one step, and two backends.
 
-The decoder (text.py) calls `attention(layer_idx, q, k, v)` with the step's tokens flattened:
+The decoder (text.py) calls `attention(layer_idx, q, k, v, scale)` with the step's tokens flattened:
 q (N, Hq, D), k/v (N, Hkv, D), already rotated. `PagedAttention` stores k/v into the cache slots of
 those tokens, then attends each new token over its sequence's whole context (cached prefix + new
 tokens, causal). The batch is ordered decodes first (one token each), then prefill chunks, so each
@@ -11,7 +11,8 @@ Backends (`attention_backend=`), same cache layout, swappable:
   "triton"  the kernels of `smolvlm_kernels` (GPU, or CPU under TRITON_INTERPRET=1);
   "cpu"     torch, with the KV store and decode attention in `smolvlm_cpu_kernels.CpuKernels` (C);
   "auto"    triton on CUDA when it imports; on CPU, cpu when the engine has the C kernels, else torch.
-Everything a backend needs arrives in `AttentionMetadata`; nothing is global.
+Everything a backend needs arrives in `AttentionMetadata` (built by `AttentionMetadata.build`, the one
+place host-side lists become the step's tensors); nothing is global.
 """
 
 from __future__ import annotations
@@ -28,24 +29,53 @@ from smolvlm.linear import scaled_dot_product_attention
 class AttentionMetadata:
     """Where the step's tokens go and what they see. B sequences, N new tokens in all."""
 
-    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
+    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token, -1 = store nothing
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0 past each sequence's blocks
     seq_lens: torch.Tensor  # (B,) int32: context length after this step (cached + new tokens)
     cu_seqlens_q: torch.Tensor  # (B + 1,) int32: new tokens of sequence b are [cu[b], cu[b+1])
     num_decodes: int  # sequences 0..num_decodes-1 have exactly one new token (tokens 0..num_decodes-1)
-    max_seqlen_q: int
-    max_seqlen_k: int
     # Host copies, so the torch backend can slice without reading device tensors back.
     query_lens: list[int]
     seq_lens_host: list[int]
 
+    @classmethod
+    def build(
+        cls,
+        slot_mapping: list[int] | torch.Tensor,
+        block_tables: list[list[int]] | torch.Tensor,
+        query_lens: list[int],
+        seq_lens: list[int],
+        device: torch.device,
+        seq_lens_tensor: torch.Tensor | None = None,
+    ) -> "AttentionMetadata":
+        """The metadata of one step from host-side lists (or tensors the caller keeps, e.g. the static
+        buffers of a CUDA graph). The leading sequences with one new token each take the decode
+        routine, every one after them the prefill routine (which handles any length). Block tables
+        given as lists may be ragged; they are padded with block 0, which is never read."""
+        num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+        if not isinstance(block_tables, torch.Tensor):
+            width = max(len(t) for t in block_tables)
+            block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=device)
+        if not isinstance(slot_mapping, torch.Tensor):
+            slot_mapping = torch.tensor(slot_mapping, dtype=torch.int64, device=device)
+        if seq_lens_tensor is None:
+            seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        return cls(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens_tensor,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            num_decodes=num_decodes,
+            query_lens=list(query_lens),
+            seq_lens_host=list(seq_lens),
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
 
 
 class TorchBackend:
@@ -213,23 +243,22 @@ def make_backend(name: str, device: torch.device, cpu_kernels=None) -> TorchBack
 class PagedAttention:
     """The attention function the decoder calls in one engine step (see text.AttentionFn)."""
 
-    def __init__(self, cache: KVCache, metadata: AttentionMetadata, backend, scale: float):
+    def __init__(self, cache: KVCache, metadata: AttentionMetadata, backend):
         self.cache = cache
         self.metadata = metadata
         self.backend = backend
-        self.scale = scale
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q (N, Hq, D), k/v (N, Hkv, D)
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # q (N, Hq, D), k/v (N, Hkv, D); scale: the model's (text.Attention.scale)
         k_cache, v_cache = self.cache.layer(layer_idx)
         md = self.metadata
         self.backend.store_kv(k, v, k_cache, v_cache, md)
         d = md.num_decodes
         if d == md.num_seqs:
-            return self.backend.decode(q, k_cache, v_cache, md, self.scale)
+            return self.backend.decode(q, k_cache, v_cache, md, scale)
         if d == 0:
-            return self.backend.prefill(q, k_cache, v_cache, md, self.scale)
+            return self.backend.prefill(q, k_cache, v_cache, md, scale)
         return torch.cat(
-            [self.backend.decode(q[:d], k_cache, v_cache, md, self.scale),
-             self.backend.prefill(q[d:], k_cache, v_cache, md, self.scale)]
+            [self.backend.decode(q[:d], k_cache, v_cache, md, scale),
+             self.backend.prefill(q[d:], k_cache, v_cache, md, scale)]
         )

@@ -9,6 +9,11 @@ and nothing depends on host-side values. So the block tables have a fixed width 
 possible sequence), padding rows store nothing (slot -1) and attend over one token, and the Triton
 decode kernel bounds its work by the table width rather than a host-side maximum length.
 Steps with a prefill chunk (or more sequences than the largest graph) run eagerly.
+
+A graph replays the kernels it captured, reading the memory the weights had then: in-place edits of
+a weight are seen, but a replaced parameter, a wrapped or hooked module would not be. So the graphs
+remember the model's structure and weight addresses (`_fingerprint`) and are captured again, before
+the next replay, when either changed.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import torch
 
 from smolvlm.engine.attention import AttentionMetadata, PagedAttention
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.ops import TORCH_OPS, Ops
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class CudaGraphDecoder:
-    def __init__(self, model, kv_cache: KVCache, backend, max_batch: int, max_model_len: int, scale: float):
+    def __init__(self, model, kv_cache: KVCache, backend, max_batch: int, max_model_len: int, ops: Ops = TORCH_OPS):
         if backend.name != "triton":
             raise ValueError("CUDA graphs need the triton attention backend (the torch one reads host-side lengths)")
         device = model.device
@@ -36,27 +42,29 @@ class CudaGraphDecoder:
         self.block_tables = torch.zeros(max_batch, width, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._model, self._kv_cache, self._backend, self._ops, self._width = model, kv_cache, backend, ops, width
+        self._no_images = torch.empty(0, dtype=torch.int64, device=device)
+        self._capture()
 
-        embed_tokens = model.model.text_model.embed_tokens
+    def _capture(self) -> None:
+        model, kv_cache, backend, ops, width = self._model, self._kv_cache, self._backend, self._ops, self._width
+        device = model.device
+        self.graphs.clear()
+        self.fingerprint = _fingerprint(model)
         pool = None
         for size in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory pool
-            metadata = AttentionMetadata(
-                slot_mapping=self.slot_mapping[:size],
-                block_tables=self.block_tables[:size],
-                seq_lens=self.seq_lens[:size],
-                cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=device),
-                num_decodes=size,
-                max_seqlen_q=1,
-                max_seqlen_k=width * kv_cache.block_size,
-                query_lens=[1] * size,
-                seq_lens_host=[width * kv_cache.block_size] * size,
+            context = width * kv_cache.block_size
+            metadata = AttentionMetadata.build(
+                self.slot_mapping[:size], self.block_tables[:size], [1] * size, [context] * size, device,
+                seq_lens_tensor=self.seq_lens[:size],
             )
-            attention = PagedAttention(kv_cache, metadata, backend, scale)
+            attention = PagedAttention(kv_cache, metadata, backend)
 
             def step(size=size, attention=attention):
-                embeds = embed_tokens(self.input_ids[:size])  # (size, hidden)
-                hidden = model.decode(embeds, self.positions[:size], attention)
-                return model.logits(hidden).float()  # (size, vocab)
+                # The model's own stages, as in an eager step (no image rows: a decode step has none).
+                embeds = model.embed(self.input_ids[:size], None, self._no_images)  # (size, hidden)
+                hidden = model.decode(embeds, self.positions[:size], attention, ops)
+                return model.logits(hidden, ops).float()  # (size, vocab)
 
             with torch.inference_mode():
                 step()  # compiles the Triton kernels, warms the allocator; stores nothing (slots -1)
@@ -68,7 +76,13 @@ class CudaGraphDecoder:
             self.graphs[size] = (graph, logits)
 
     def can_run(self, num_seqs: int) -> bool:
-        return num_seqs <= self.max_batch
+        """Whether a decode step of `num_seqs` sequences can replay a graph (captured again first if
+        the model changed since)."""
+        if num_seqs > self.max_batch:
+            return False
+        if _fingerprint(self._model) != self.fingerprint:
+            self._capture()
+        return True
 
     def run(self, input_ids, positions, metadata: AttentionMetadata) -> torch.Tensor:
         """One decode step of B sequences from the eager metadata -> logits (B, vocab) fp32."""
@@ -85,3 +99,10 @@ class CudaGraphDecoder:
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]
+
+
+def _fingerprint(model) -> tuple:
+    """What a captured graph depends on beyond in-place values: which modules make up the model, where
+    each parameter's memory is, and which modules have hooks."""
+    modules = tuple((id(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules())
+    return modules, tuple(p.data_ptr() for p in model.parameters())

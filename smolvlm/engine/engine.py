@@ -2,17 +2,24 @@
 
     engine = Engine.from_pretrained("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
     results = engine.generate([conversation_a, conversation_b], SamplingParams(max_new_tokens=64))
-    for piece in engine.stream(conversation, SamplingParams()): print(piece, end="")
+    stream = engine.stream(conversation, SamplingParams())
+    for piece in stream: print(piece, end="")
+    stream.result                       # its GenerationResult: token ids, finish reason, counts
 
 Each step: the scheduler picks sequences and token counts (scheduler.py), the block manager gives
 them KV-cache blocks, reusing cached prefixes (block_manager.py), the runner builds flat tensors and
 runs the model over the paged cache (runner.py, attention.py), the sampler picks tokens
-(sampler.py), and each request's detokenizer turns them into text (detokenizer.py).
+(sampler.py), and each request's TextOutput turns them into text (outputs.py). What a request is
+made of, and its admission checks, are in request.py; the settings in config.py.
+
+The engine never changes the model it is given: its choice of few-row kernels (`ops`) and attention
+backend are arguments of each call it makes, so several engines can share one model, and a plain
+`model(...)` call is unaffected by any of them.
 
 A request that cannot run (unreadable image, prompt over the context, a pool too small for it)
 finishes alone with `finish_reason="error"` and a message; the others in the same call complete.
 Below the conversation level, `add_request` also takes `PromptInputs` (token ids + image tensors +
-content hashes) directly.
+content hashes, request.py) directly.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,78 +35,19 @@ import torch
 
 from smolvlm.engine.attention import make_backend
 from smolvlm.engine.block_manager import BlockManager
+from smolvlm.engine.config import EngineConfig
 from smolvlm.engine.cuda_graphs import CudaGraphDecoder
-from smolvlm.engine.detokenizer import IncrementalDetokenizer
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.engine.outputs import GenerationResult, StepOutput, TextOutput
 from smolvlm.engine.params import SamplingParams
-from smolvlm.engine.runner import ImagePayload, ModelRunner, VisionFeatureCache
+from smolvlm.engine.request import Messages, PromptInputs, RequestError, image_spans, prompt_from_conversation
+from smolvlm.engine.runner import ModelRunner, VisionFeatureCache
 from smolvlm.engine.sampler import Sampler
 from smolvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from smolvlm.engine.sequence import ImageSpan, Sequence, SequenceStatus
-
-Messages = list[dict[str, Any]]
+from smolvlm.engine.sequence import Sequence
+from smolvlm.ops import TORCH_OPS, KernelOps, Ops
 
 GiB = 1 << 30
-
-
-class RequestError(ValueError):
-    """A request that cannot be served (bad input, too long, failed during generation)."""
-
-
-@dataclass
-class ImageInput:
-    """One image (its tiles) or one video (its frames), as the model sees them."""
-
-    pixel_values: torch.Tensor  # (n_tiles, 3, H, W) float, normalised
-    content_hash: str  # identifies the pixels: equal hashes must mean equal tiles
-    pixel_attention_mask: torch.Tensor | None = None  # (n_tiles, H, W) or None (every pixel real)
-
-
-@dataclass
-class PromptInputs:
-    """A tokenised prompt: ids with `<image>` placeholders, and the images that fill them, in order."""
-
-    input_ids: list[int]
-    images: list[ImageInput] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    request_id: int
-    text: str
-    token_ids: list[int]  # generated tokens, the stop token included when there was one
-    finish_reason: str  # "stop" (stop token or string), "length", "error", "abort"
-    error: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
-    time_to_first_token: float | None = None  # seconds from add_request to the first sampled token
-    total_time: float | None = None  # seconds from add_request to the end
-
-
-@dataclass
-class StepOutput:
-    request_id: int
-    text: str  # new text since the last step ('' when a token completes no character yet)
-    result: GenerationResult | None = None  # set when the request finished this step
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit pool size; else from kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, half the free memory on CUDA
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
-    attention_backend: str = "auto"
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
-    # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,
-    # RMSNorm, RoPE, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds,
-    # else "torch" with a warning. Ignored on CUDA. The engine installs the choice on its model
-    # (SmolVLM.set_kernels), so the model's own few-row calls use it too.
-    cpu_kernels: str = "auto"
 
 
 @dataclass
@@ -113,13 +61,11 @@ class EngineStats:
 
 
 class _Request:
-    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer | None):
+    def __init__(self, seq: Sequence, output: TextOutput | None):
         self.seq = seq
-        self.detokenizer = detokenizer
-        self.emitted = 0  # characters of text already handed out
+        self.output = output  # None without a processor (token ids only)
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
-        self.stop_at: int | None = None  # text length cut by a stop string
 
 
 class Engine:
@@ -135,8 +81,6 @@ class Engine:
         self.config = config
         text = model.config.text
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        self.image_token_id = model.config.image_token_id
-        self.image_seq_len = model.config.image_seq_len
         stop = set(eos_token_ids)
         if processor is not None:
             try:
@@ -154,18 +98,18 @@ class Engine:
         )
         self.sampler = Sampler(device)
         self.cpu_kernels = _load_cpu_kernels(config.cpu_kernels, device)  # CpuKernels, or None: plain PyTorch
-        model.set_kernels(self.cpu_kernels)
+        # The few-row operations of every model call this engine makes (smolvlm/ops.py).
+        self.ops: Ops = TORCH_OPS if self.cpu_kernels is None else KernelOps(self.cpu_kernels)
         self.backend = make_backend(config.attention_backend, device, self.cpu_kernels)
         graphs = None
         if config.cuda_graphs and device.type == "cuda" and self.backend.name == "triton":
-            scale = text.head_dim**-0.5
-            graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, config.max_num_seqs, self.max_model_len, scale)
+            graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, config.max_num_seqs, self.max_model_len, self.ops)
         self.runner = ModelRunner(
-            model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory), graphs
+            model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory),
+            self.ops, graphs,
         )
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
-        self.last_result: GenerationResult | None = None  # of the last `stream` call
         self._next_id = 0
 
     def _blocks_from_budget(self, model, config: EngineConfig) -> int:
@@ -210,17 +154,7 @@ class Engine:
 
     def prepare(self, conversation: Messages, **processor_options: Any) -> PromptInputs:
         """Conversation -> PromptInputs through the processor (raises its ProcessorError on bad input)."""
-        if self.processor is None:
-            raise RequestError("this engine has no processor: pass PromptInputs (token ids and image tensors)")
-        item = self.processor.prepare(conversation, **processor_options)
-        images = []
-        if item.media:
-            pixels = torch.as_tensor(item.pixel_values)  # (N, 3, H, W): every item's tiles, in order
-            offset = 0
-            for media in item.media:
-                images.append(ImageInput(pixels[offset : offset + media.num_tiles], media.sha256))
-                offset += media.num_tiles
-        return PromptInputs(list(item.input_ids), images)
+        return prompt_from_conversation(self.processor, conversation, **processor_options)
 
     def add_request(
         self, prompt: PromptInputs | Messages, params: SamplingParams = SamplingParams(), **processor_options: Any
@@ -230,52 +164,29 @@ class Engine:
             prompt = self.prepare(prompt, **processor_options)
         request_id = self._next_id
         self._next_id += 1
+        model_config = self.model.config
+        spans = image_spans(
+            prompt, request_id, model_config.text.vocab_size, model_config.image_token_id, model_config.image_seq_len
+        )
         seq = Sequence(
             request_id,
             prompt.input_ids,
             params,
             self.config.block_size,
-            images=self._image_spans(prompt, request_id),
+            images=spans,
             stop_token_ids=self.stop_token_ids | frozenset(params.stop_token_ids),
         )
         try:
             self.scheduler.add(seq)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        detokenizer = None
+        output = None
         if self.processor is not None:
             skip = params.skip_special_tokens
-            detokenizer = IncrementalDetokenizer(lambda ids: self.processor.decode(ids, skip_special_tokens=skip))
-        self.requests[request_id] = _Request(seq, detokenizer)
+            output = TextOutput(lambda ids: self.processor.decode(ids, skip_special_tokens=skip), params.stop)
+        self.requests[request_id] = _Request(seq, output)
         self.sampler.add(request_id, params)
         return request_id
-
-    def _image_spans(self, prompt: PromptInputs, request_id: int) -> list[ImageSpan]:
-        vocab = self.model.config.text.vocab_size
-        ids = prompt.input_ids
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"request {request_id}: token ids must be in [0, {vocab})")
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        needed = 0
-        for image in prompt.images:
-            if image.pixel_values.dim() != 4:
-                raise RequestError(
-                    f"request {request_id}: an image's pixel_values should be (n_tiles, 3, H, W), got {tuple(image.pixel_values.shape)}"
-                )
-            needed += image.pixel_values.shape[0] * self.image_seq_len
-        if needed != len(positions):
-            raise RequestError(
-                f"request {request_id}: the prompt has {len(positions)} <image> tokens but its "
-                f"{len(prompt.images)} images need {needed} ({self.image_seq_len} per tile)"
-            )
-        spans, offset = [], 0
-        for image in prompt.images:
-            n = image.pixel_values.shape[0] * self.image_seq_len
-            own = positions[offset : offset + n]
-            offset += n
-            payload = ImagePayload(image.pixel_values, image.pixel_attention_mask, own)
-            spans.append(ImageSpan(own[0], own[-1] + 1, image.content_hash, payload))
-        return spans
 
     def abort(self, request_id: int) -> None:
         request = self.requests.pop(request_id, None)
@@ -331,49 +242,24 @@ class Engine:
             request = self.requests[seq.seq_id]
             if request.first_token_at is None:
                 request.first_token_at = time.perf_counter()
-            text = self._on_token(request, token)
+            text = ""
+            if request.output is not None:
+                if request.output.add(token):  # a stop string
+                    self.scheduler.finish(seq, "stop")
+                if not seq.is_finished:  # else _finalize hands out the rest
+                    text = request.output.new_text()
             if seq.is_finished:
                 outputs.append(self._finalize(seq))
             elif text:
                 outputs.append(StepOutput(seq.seq_id, text))
         return outputs
 
-    def _on_token(self, request: _Request, token: int) -> str:
-        """Detokenise the new token, apply stop strings; return the text that may be shown now."""
-        if request.detokenizer is None:
-            return ""
-        seq = request.seq
-        piece = request.detokenizer.add(token)
-        stops = seq.params.stop
-        text = request.detokenizer.text
-        if stops and piece:
-            longest = max(len(s) for s in stops)
-            search_from = max(0, len(text) - len(piece) - longest + 1)
-            found = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
-            if found:
-                request.stop_at = min(found)
-                self.scheduler.finish(seq, "stop")
-        if seq.is_finished:
-            return ""  # _finalize hands out the rest
-        # With stop strings, hold back what could still turn out to be the start of one.
-        visible = len(text) - (max(len(s) for s in stops) - 1 if stops else 0)
-        if visible <= request.emitted:
-            return ""
-        out = text[request.emitted : visible]
-        request.emitted = visible
-        return out
-
     def _finalize(self, seq: Sequence) -> StepOutput:
         request = self.requests.pop(seq.seq_id, None)
         self.sampler.remove(seq.seq_id)
-        text = ""
-        if request is not None and request.detokenizer is not None:
-            if request.stop_at is not None:
-                text = request.detokenizer.text[: request.stop_at]
-            else:
-                request.detokenizer.finish()
-                text = request.detokenizer.text
-        emitted = request.emitted if request is not None else 0
+        text = rest = ""
+        if request is not None and request.output is not None:
+            text, rest = request.output.finish()
         result = GenerationResult(
             request_id=seq.seq_id,
             text=text,
@@ -386,7 +272,7 @@ class Engine:
             else request.first_token_at - request.arrival,
             total_time=None if request is None else time.perf_counter() - request.arrival,
         )
-        return StepOutput(seq.seq_id, text[emitted:], result)
+        return StepOutput(seq.seq_id, rest, result)
 
     # ------------------------------------------------------------------ high level
 
@@ -421,23 +307,48 @@ class Engine:
 
     def stream(
         self, conversation: Messages | PromptInputs, params: SamplingParams = SamplingParams(), **processor_options: Any
-    ) -> Iterator[str]:
-        """Yield the answer's text piece by piece; raises RequestError if the request fails.
-        Afterwards `engine.last_result` holds its GenerationResult (token ids, finish reason, counts)."""
-        request_id = self.add_request(conversation, params, **processor_options)
+    ) -> "Stream":
+        """One request, its answer text piece by piece: `for piece in engine.stream(...)`. The request is
+        queued now (a bad one raises here); afterwards the stream's `.result` is its GenerationResult."""
+        return Stream(self, self.add_request(conversation, params, **processor_options))
+
+
+class Stream:
+    """The text of one request as it is generated. Iterate for the pieces; once the iteration ends,
+    `.result` holds the GenerationResult (token ids, finish reason, counts). A failed request raises
+    RequestError from the iteration. Closing early (`close()`, or leaving a `for` loop whose stream is
+    then dropped) aborts the request and gives its KV blocks back."""
+
+    def __init__(self, engine: Engine, request_id: int):
+        self.engine = engine
+        self.request_id = request_id
+        self.result: GenerationResult | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def _run(self) -> Iterator[str]:
+        engine, request_id = self.engine, self.request_id
         try:
-            while request_id in self.requests:
-                for out in self.step():
+            while request_id in engine.requests:
+                for out in engine.step():
                     if out.request_id != request_id:
                         continue
                     if out.text:
                         yield out.text
                     if out.result is not None:
-                        self.last_result = out.result
+                        self.result = out.result
                         if out.result.finish_reason == "error":
                             raise RequestError(out.result.error or "generation failed")
         finally:
-            self.abort(request_id)  # closed early: give the blocks back
+            engine.abort(request_id)  # closed early: give the blocks back
 
 
 def _load_cpu_kernels(choice: str, device: torch.device):
@@ -461,17 +372,3 @@ def _subset(batch: ScheduledBatch, keep: list[int]) -> ScheduledBatch:
     seqs = [batch.seqs[i] for i in keep]
     num_new = [batch.num_new_tokens[i] for i in keep]
     return ScheduledBatch(seqs, num_new, sum(1 for n in num_new if n == 1), batch.preempted, batch.failed)
-
-
-__all__ = [
-    "Engine",
-    "EngineConfig",
-    "EngineStats",
-    "GenerationResult",
-    "ImageInput",
-    "PromptInputs",
-    "RequestError",
-    "SamplingParams",
-    "SequenceStatus",
-    "StepOutput",
-]

@@ -4,9 +4,9 @@ A step is a flat list of N new tokens from B sequences (decodes first, then pref
     input_ids, positions, slot_mapping  # (N,)
     block_tables                        # (B, max_blocks) int32
     seq_lens, cu_seqlens_q              # (B,), (B + 1,) int32
-The model runs stage by stage: token embeddings with image features at the prompt's `<image>`
-positions -> `decode` (with `PagedAttention`) -> `logits` of the last token of each sequence that
-samples this step -> `Sampler`.
+The model runs stage by stage, through its own methods: `embed` (token embeddings, image features
+written at the step's image positions) -> `decode` (with `PagedAttention` and the engine's `ops`) ->
+`logits` of the last token of each sequence that samples this step -> `Sampler`.
 
 Image features are computed once per image (one vision-tower call for all its tiles) and kept in a
 small LRU cache keyed by the image's content hash, so a prompt prefilled in chunks, recomputed after
@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
@@ -27,16 +26,8 @@ from smolvlm.engine.cuda_graphs import CudaGraphDecoder
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampler import Sampler
 from smolvlm.engine.scheduler import ScheduledBatch
-from smolvlm.engine.sequence import Sequence
-
-
-@dataclass
-class ImagePayload:
-    """What the runner needs to compute one image's (or video's) features, kept with its ImageSpan."""
-
-    pixel_values: torch.Tensor  # (n_tiles, 3, H, W), tiles (or frames) in prompt order
-    pixel_attention_mask: torch.Tensor | None  # (n_tiles, H, W) or None (every pixel real)
-    token_positions: list[int]  # prompt positions of its <image> tokens, n_tiles * image_seq_len of them
+from smolvlm.engine.sequence import ImageSpan, Sequence
+from smolvlm.ops import TORCH_OPS, Ops
 
 
 class VisionFeatureCache:
@@ -46,16 +37,11 @@ class VisionFeatureCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.num_bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> torch.Tensor | None:
         features = self.entries.get(key)
-        if features is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
+        if features is not None:
+            self.entries.move_to_end(key)
         return features
 
     def put(self, key: str, features: torch.Tensor) -> None:
@@ -77,9 +63,11 @@ class ModelRunner:
         backend,
         sampler: Sampler,
         vision_cache: VisionFeatureCache,
+        ops: Ops = TORCH_OPS,
         graphs: CudaGraphDecoder | None = None,
     ):
         self.model = model
+        self.ops = ops  # the few-row operations of every decoder call (smolvlm/ops.py)
         self.graphs = graphs  # replays decode-only steps on CUDA (cuda_graphs.py); None = always eager
         self.kv_cache = kv_cache
         self.backend = backend
@@ -87,31 +75,26 @@ class ModelRunner:
         self.vision_cache = vision_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
-        self.scale = model.config.text.head_dim**-0.5
         self.vision_attention = vision_attention_for(backend, self.device, model.config.vision.head_dim)
         self.num_vision_calls = 0
 
     # ------------------------------------------------------------------ images
 
     @torch.inference_mode()  # no autograd graph: a cached feature tensor must not keep the tower's activations alive
-    def image_features(self, content_hash: str, payload: ImagePayload) -> torch.Tensor:
+    def image_features(self, span: ImageSpan) -> torch.Tensor:
         """(n_tiles * image_seq_len, hidden) for one image, from the cache or the vision tower."""
-        features = self.vision_cache.get(content_hash)
+        features = self.vision_cache.get(span.content_hash)
         if features is None:
-            pixels = payload.pixel_values.to(self.device)
-            mask = None if payload.pixel_attention_mask is None else payload.pixel_attention_mask.to(self.device)
+            image = span.image  # engine.inputs.ImageInput
+            pixels = image.pixel_values.to(self.device)
+            mask = None if image.pixel_attention_mask is None else image.pixel_attention_mask.to(self.device)
             if self.vision_attention is None:
                 features = self.model.image_features(pixels, mask)  # (n_tiles, image_seq_len, hidden)
             else:
                 features = self.model.image_features(pixels, mask, attention=self.vision_attention)
             self.num_vision_calls += 1
             features = features.reshape(-1, features.shape[-1])  # (n_tiles * image_seq_len, hidden)
-            if features.shape[0] != len(payload.token_positions):
-                raise ValueError(
-                    f"an image gives {features.shape[0]} features but its prompt has "
-                    f"{len(payload.token_positions)} <image> tokens"
-                )
-            self.vision_cache.put(content_hash, features)
+            self.vision_cache.put(span.content_hash, features)
         return features
 
     def image_inputs(self, seq: Sequence, start: int, end: int) -> tuple[list[int], torch.Tensor] | None:
@@ -122,11 +105,11 @@ class ModelRunner:
         for span in seq.images:
             if span.end <= start or span.start >= end:
                 continue
-            own = span.payload.token_positions
+            own = span.token_positions
             first, last = bisect.bisect_left(own, start), bisect.bisect_left(own, end)
             if first < last:
                 positions.extend(own[first:last])
-                rows.append(self.image_features(span.content_hash, span.payload)[first:last])
+                rows.append(self.image_features(span)[first:last])
         if not rows:
             return None
         return positions, rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -138,39 +121,19 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_lens, seq_lens = [], []
+        seq_lens = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             table = seq.block_table
-            if n == 1:
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start : start + n])
-                positions.extend(range(start, start + n))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_lens.append(n)
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             seq_lens.append(start + n)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
-        cu = [0]
-        for n in query_lens:
-            cu.append(cu[-1] + n)
-        dev = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            num_decodes=batch.num_decodes,
-            max_seqlen_q=max(query_lens),
-            max_seqlen_k=max(seq_lens),
-            query_lens=query_lens,
-            seq_lens_host=seq_lens,
+        metadata = AttentionMetadata.build(
+            slots, [seq.block_table for seq in batch.seqs], batch.num_new_tokens, seq_lens, self.device
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         return ids, pos, metadata
 
     @torch.inference_mode()
@@ -186,14 +149,14 @@ class ModelRunner:
             # Every entry is one plain token and samples: the captured graph computes exactly this.
             logits = self.graphs.run(input_ids, positions, metadata)  # (B, vocab)
         else:
-            embeds = self.embed(batch, input_ids, images)  # (N, hidden)
-            attention = PagedAttention(self.kv_cache, metadata, self.backend, self.scale)
-            hidden = self.model.decode(embeds, positions, attention)  # (N, hidden)
+            embeds = self.model.embed(input_ids, *self._flat_images(batch, images))  # (N, hidden)
+            attention = PagedAttention(self.kv_cache, metadata, self.backend)
+            hidden = self.model.decode(embeds, positions, attention, self.ops)  # (N, hidden)
             if not sampling:
                 return [None] * len(batch)
             ends = list(itertools.accumulate(metadata.query_lens))  # entry i's last token is at ends[i] - 1
-            last = [ends[i] - 1 for i in sampling]
-            logits = self.model.logits(hidden[torch.tensor(last, device=self.device)]).float()  # (S, vocab)
+            last = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
+            logits = self.model.logits(hidden[last], self.ops).float()  # (S, vocab)
         seqs = [batch.seqs[i] for i in sampling]
         tokens = self.sampler(
             logits,
@@ -206,17 +169,13 @@ class ModelRunner:
             out[i] = token
         return out
 
-    def embed(
-        self, batch: ScheduledBatch, input_ids: torch.Tensor, images: list[tuple[list[int], torch.Tensor] | None]
-    ) -> torch.Tensor:
-        """Token embeddings, with image features written at the prompt's <image> positions.
-
-        Same result as `SmolVLM.embed` (transformers: inputs_merger), but the positions are the ones the
-        engine knows belong to images: a chunk may hold only part of an image, and a *generated*
-        `<image>` token (a random model can emit one) has no features and keeps its plain embedding,
-        as in transformers' `generate`, where only the prompt is merged.
-        """
-        embeds = self.model.model.text_model.embed_tokens(input_ids)  # (N, hidden)
+    def _flat_images(
+        self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The step's image features (R, hidden) and their indices among its N flat tokens (R,), for
+        `SmolVLM.embed`; (None, no indices) when no entry holds an image token. Only the positions the
+        engine gave to images are merged: a *generated* `<image>` token (a random model can emit one) keeps its
+        plain embedding, as in transformers' `generate`, where only the prompt is merged."""
         flat_index: list[int] = []
         rows = []
         offset = 0
@@ -226,8 +185,7 @@ class ModelRunner:
                 flat_index.extend(offset + p - start for p in entry[0])
                 rows.append(entry[1])
             offset += n
-        if rows:
-            index = torch.tensor(flat_index, dtype=torch.int64, device=embeds.device)
-            features = rows[0] if len(rows) == 1 else torch.cat(rows)  # (R, hidden)
-            embeds = embeds.index_copy(0, index, features.to(embeds.dtype))
-        return embeds
+        if not rows:
+            return None, torch.empty(0, dtype=torch.int64, device=self.device)
+        features = rows[0] if len(rows) == 1 else torch.cat(rows)  # (R, hidden)
+        return features, torch.tensor(flat_index, dtype=torch.int64, device=self.device)

@@ -3,7 +3,7 @@
 A `Sequence` is the unit the scheduler and block manager reason about: its tokens (prompt, then
 generated), how many of them already have K/V in the cache (`num_computed_tokens`), its block table,
 and the images whose placeholder tokens it holds. Images are opaque here (the runner knows their
-tensors); only their content hashes and token spans matter, for prefix caching.
+tensors); only their content hashes and token positions matter, for prefix caching.
 """
 
 from __future__ import annotations
@@ -25,16 +25,24 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """The prompt positions [start, end) from the first to the last `<image>` token of one image.
+    """One image (or video) of a prompt: the positions of its `<image>` tokens, in order.
 
     `content_hash` identifies the pixels (every placeholder has the same token id, so the ids alone
-    cannot tell two images apart). `payload` is whatever the runner needs to compute the features.
+    cannot tell two images apart). `image` is what the runner computes the features from (the
+    engine's `ImageInput`); opaque here.
     """
 
-    start: int
-    end: int
+    token_positions: tuple[int, ...]
     content_hash: str
-    payload: Any = None
+    image: Any = None
+
+    @property
+    def start(self) -> int:  # the first <image> token
+        return self.token_positions[0]
+
+    @property
+    def end(self) -> int:  # one past the last
+        return self.token_positions[-1] + 1
 
 
 def hash_block(parent: bytes | None, token_ids: list[int], image_keys: tuple[str, ...]) -> bytes:
@@ -92,10 +100,6 @@ class Sequence:
     @property
     def generated_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,24 @@
+"""The engine's settings (one frozen dataclass; `Engine.from_pretrained(..., **fields)` takes them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # explicit pool size; else from kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, half the free memory on CUDA
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
+    attention_backend: str = "auto"
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
+    # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,
+    # RMSNorm, RoPE, KV store, decode attention), "torch" = plain PyTorch, "auto" = "c" when it builds,
+    # else "torch" with a warning. Ignored on CUDA. The engine passes its choice to every model call it
+    # makes (`ops`, smolvlm/ops.py); the model itself is never changed.
+    cpu_kernels: str = "auto"
