@@ -67,10 +67,22 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
+        self.head_dim, self.theta = head_dim, theta
         # Explicit device: the model may be built under `torch.device("meta")` before its weights load,
         # and this buffer is computed, not loaded.
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / self.theta**exponents  # (D/2,) fp32
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` converts every floating buffer; the frequencies must stay fp32
+        # (rounded to bf16 they would move every position's angle), so only their device follows.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 island (transformers: LlamaRotaryEmbedding.forward): angles in fp32, cast at the end.

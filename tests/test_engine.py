@@ -202,7 +202,6 @@ def test_second_question_about_a_video_hits_the_cache(tiny_ckpt, short_video):
     assert b.num_cached_tokens >= b.num_prompt_tokens - 32, "the video's blocks were not reused"
     assert second_prefill < b.num_prompt_tokens - b.num_cached_tokens + 1 + 16
     assert engine.stats.vision_calls == vision_before, "the video went through the vision tower again"
-    assert second_time < first_time
     assert_pool_empty(engine)
 
 

@@ -10,10 +10,9 @@ possible sequence), padding rows store nothing (slot -1) and attend over one tok
 decode kernel bounds its work by the table width rather than a host-side maximum length.
 Steps with a prefill chunk (or more sequences than the largest graph) run eagerly.
 
-A graph replays the kernels it captured, reading the memory the weights had then: in-place edits of
-a weight are seen, but a replaced parameter, a wrapped or hooked module would not be. So the graphs
-remember the model's structure and weight addresses (`_fingerprint`) and are captured again, before
-the next replay, when either changed.
+A graph replays the kernels it captured, reading the memory the weights had then: a replaced
+parameter, a wrapped or hooked module would not be seen. So the graphs remember the model's
+`fingerprint()` and are captured again, before the next replay, when it changed.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class CudaGraphDecoder:
         model, kv_cache, backend, ops, width = self._model, self._kv_cache, self._backend, self._ops, self._width
         device = model.device
         self.graphs.clear()
-        self.fingerprint = _fingerprint(model)
+        self.fingerprint = model.fingerprint()
         pool = None
         for size in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory pool
             context = width * kv_cache.block_size
@@ -80,7 +79,7 @@ class CudaGraphDecoder:
         the model changed since)."""
         if num_seqs > self.max_batch:
             return False
-        if _fingerprint(self._model) != self.fingerprint:
+        if self._model.fingerprint() != self.fingerprint:
             self._capture()
         return True
 
@@ -100,9 +99,3 @@ class CudaGraphDecoder:
         graph.replay()
         return logits[:b]
 
-
-def _fingerprint(model) -> tuple:
-    """What a captured graph depends on beyond in-place values: which modules make up the model, where
-    each parameter's memory is, and which modules have hooks."""
-    modules = tuple((id(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules())
-    return modules, tuple(p.data_ptr() for p in model.parameters())

@@ -111,6 +111,7 @@ class Engine:
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
         self._next_id = 0
+        self._model_fingerprint = model.fingerprint()  # what the cached KV and image features were computed with
 
     def _blocks_from_budget(self, model, config: EngineConfig) -> int:
         budget = config.kv_cache_memory
@@ -162,6 +163,7 @@ class Engine:
         """Queue one request; returns its id. Raises (RequestError / ProcessorError) if it cannot be served."""
         if not isinstance(prompt, PromptInputs):
             prompt = self.prepare(prompt, **processor_options)
+        self._drop_stale_caches()
         request_id = self._next_id
         self._next_id += 1
         model_config = self.model.config
@@ -187,6 +189,15 @@ class Engine:
         self.requests[request_id] = _Request(seq, output)
         self.sampler.add(request_id, params)
         return request_id
+
+    def _drop_stale_caches(self) -> None:
+        """Forget cached prefixes and image features when the model changed since they were computed
+        (a weight edited, a module replaced or hooked): a new request then computes them afresh."""
+        fingerprint = self.model.fingerprint()
+        if fingerprint != self._model_fingerprint:
+            self.block_manager.reset_prefix_cache()
+            self.runner.vision_cache.clear()
+            self._model_fingerprint = fingerprint
 
     def abort(self, request_id: int) -> None:
         request = self.requests.pop(request_id, None)

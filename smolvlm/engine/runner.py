@@ -44,6 +44,10 @@ class VisionFeatureCache:
             self.entries.move_to_end(key)
         return features
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.num_bytes = 0
+
     def put(self, key: str, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
         if key in self.entries or size > self.max_bytes:
