@@ -4,7 +4,6 @@ One file per kernel, each with its launcher (which checks its inputs before laun
 plain-PyTorch references they are tested against live in `reference.py`.
 
     store_kv                  write new K/V into paged-cache slots (slot -1 = padding, skipped)
-    varlen_attention          flash attention over packed variable-length sequences, causal or not
     masked_attention          bidirectional attention with a key-padding mask (vision tower)
     paged_prefill_attention   causal attention of new tokens over their paged context
     paged_decode_attention    one query per sequence over its paged context, split-K
@@ -21,7 +20,6 @@ from .paged_decode_attention import paged_decode_attention
 from .paged_prefill_attention import paged_prefill_attention
 from .store_kv import store_kv
 from .tile_config import TileConfig
-from .varlen_attention import varlen_attention
 
 __all__ = [
     "TileConfig",
@@ -29,5 +27,4 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "store_kv",
-    "varlen_attention",
 ]

@@ -8,8 +8,9 @@ Queries are the last q_len positions of the context (bottom-right causal alignme
 makes a decode step just a sequence with q_len = 1, so one launch serves mixed batches.
 
 One program computes BLOCK_M query rows of one head of one sequence. Each key tile of BLOCK_N
-positions is gathered through the block table (BLOCK_N need not match block_size). As in
-varlen_attention, tiles fully visible to the whole query block run without masks.
+positions is gathered through the block table (BLOCK_N need not match block_size). Key tiles
+fully visible to every row of the query block run without masks; only the rest (the causal
+diagonal, the ragged end of the context) apply them.
 Reference: reference.reference_paged_prefill_attention.
 """
 

@@ -56,17 +56,6 @@ def reference_store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
         v_cache[slot // block_size, slot % block_size] = value[token]
 
 
-def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal, scale):
-    """q: [Nq, Hq, D], k/v: [Nk, Hkv, D] packed sequences delimited by cu_seqlens_* [B+1]."""
-    out = torch.zeros_like(q)
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(starts_q) - 1):
-        qs, qe, ks, ke = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
-        visible = causal_mask(qe - qs, ke - ks, q.device) if causal else None
-        out[qs:qe] = attention(q[qs:qe], k[ks:ke], v[ks:ke], visible, scale)
-    return out
-
-
 def reference_paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, max_seqlen_q=None, *, scale):
     """Causal attention of the new tokens q: [Nq, Hq, D] over each sequence's whole paged context."""
     out = torch.zeros_like(q)

@@ -39,7 +39,7 @@ INTERPRETER_CONFIG = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=
 
 
 def prefill_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> TileConfig:
-    """Tiles for the prefill kernels (varlen, masked, paged prefill)."""
+    """Tiles for the prefill kernels (masked, paged prefill)."""
     if device.type == "cpu":
         return INTERPRETER_CONFIG
     if dtype == torch.float32 or head_dim > 128:

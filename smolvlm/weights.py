@@ -79,10 +79,10 @@ def huge_page_arena(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     """CPU storage for every parameter of `model`: one buffer, cut into views in module order.
 
     Why one buffer: (1) it can ask Linux for transparent huge pages (2 MB instead of 4 KB; this
-    machine's policy is `madvise`, so memory gets them only when asked), and a decode step, which
-    streams every weight once, reads them ~8% faster (fewer TLB misses, and the hardware prefetcher
-    stops at page boundaries); (2) module order puts q/k/v and gate/up side by side, so the fused
-    decode matrices (text.py, `fuse_projections`) are views of it instead of copies.
+    policy is often `madvise`, so memory gets them only when asked), and a decode step, which
+    streams every weight once, reads them faster (fewer TLB misses, and the hardware prefetcher stops
+    at page boundaries; docs/benchmarks.md); (2) module order puts q/k/v and gate/up side by side, so
+    the fused decode products (text.py, `fused_weight`) run over views of it, not copies.
     The buffer is virtual memory until written: slots that `load_weights` leaves unused (tensors
     used as mapped from the file) cost nothing. It lives as long as its views.
     """

@@ -113,7 +113,6 @@ def test_matvec_fp32_matches_linear(kernels, k):
     x = wide[:, ::2]
     assert not x.is_contiguous()
     assert_within("fp32 matvec, strided x", kernels.matvec(x, w), F.linear(x, w), fp32_sum_bound(x, w))
-    assert kernels(x, w).equal(kernels.matvec(x, w)), "__call__ is matvec"
 
 
 def test_matvec_mixed_dtypes(kernels):

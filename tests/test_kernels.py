@@ -127,39 +127,6 @@ def test_store_kv_strided_inputs():
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
-# -------------------------------------------------------------------------------- varlen attention
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("heads", [(4, 4), (9, 3)], ids=["mha", "gqa"])
-def test_varlen_attention(dtype, causal, heads):
-    g = torch.Generator().manual_seed(3)
-    num_q_heads, num_kv_heads = heads
-    q_lens = [1, 17, 70, 33]  # single token, ragged tiles, several query tiles
-    k_lens = [1, 40, 70, 100] if causal else [5, 17, 1, 81]  # causal: queries are the last q_len keys
-    q = randn(sum(q_lens), num_q_heads, HEAD_DIM, dtype=dtype, generator=g)
-    k = randn(sum(k_lens), num_kv_heads, HEAD_DIM, dtype=dtype, generator=g)
-    v = randn(sum(k_lens), num_kv_heads, HEAD_DIM, dtype=dtype, generator=g)
-    cu_q, cu_k = cu_seqlens(q_lens), cu_seqlens(k_lens)
-    out = K.varlen_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), causal=causal, scale=SCALE, out=poisoned(q))
-    ref = R.reference_varlen_attention(q, k, v, cu_q, cu_k, causal=causal, scale=SCALE)
-    assert_close(f"varlen {dtype} causal={causal} heads={heads}", out, ref)
-
-
-def test_varlen_attention_long_sequence_and_fused_qkv_views():
-    """A 301-token causal prefill (10 query tiles x 19 key tiles in the interpreter's tiles), with
-    q/k/v as strided views of one fused projection output [N, Hq + 2 * Hkv, D]."""
-    g = torch.Generator().manual_seed(4)
-    n, num_q_heads, num_kv_heads = 301, 9, 3
-    fused = randn(n, num_q_heads + 2 * num_kv_heads, HEAD_DIM, dtype=torch.float16, generator=g)
-    q, k, v = fused.split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
-    cu = cu_seqlens([n])
-    out = K.varlen_attention(q, k, v, cu, cu, n, n, causal=True, scale=SCALE)
-    ref = R.reference_varlen_attention(q, k, v, cu, cu, causal=True, scale=SCALE)
-    assert_close("varlen long causal", out, ref)
-
-
 # -------------------------------------------------------------------------------- masked attention
 
 
@@ -220,9 +187,10 @@ def test_paged_prefill_attention_mixed_batch(dtype, block_size, heads):
     assert_close(f"paged prefill {dtype} bs={block_size} heads={heads}", out, ref)
 
 
-def test_paged_prefill_matches_varlen_after_store_kv():
+def test_paged_prefill_after_store_kv_matches_contiguous_attention():
     """The engine's path end to end: store the new tokens' K/V, then attend over the cache; equals
-    varlen attention over the same K/V held contiguously."""
+    causal attention (the plain-PyTorch reference, one sequence at a time) over the same K/V held
+    contiguously, so a slot store_kv writes wrong or the gather reads wrong fails here."""
     g = torch.Generator().manual_seed(8)
     block_size, num_blocks, lens = 16, 12, [29, 50]
     k = randn(sum(lens), 3, HEAD_DIM, dtype=torch.float32, generator=g)
@@ -238,8 +206,11 @@ def test_paged_prefill_matches_varlen_after_store_kv():
     K.store_kv(k, v, k_cache, v_cache, slots)
     cu = cu_seqlens(lens)
     paged = K.paged_prefill_attention(q, k_cache, v_cache, tables, cu, torch.tensor(lens, dtype=torch.int32, device=DEVICE), max(lens), scale=SCALE)
-    contiguous = K.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True, scale=SCALE)
-    assert_close("paged prefill vs varlen", paged, contiguous)
+    starts = cu.tolist()
+    contiguous = torch.cat([
+        R.attention(q[s:e], k[s:e], v[s:e], R.causal_mask(e - s, e - s, DEVICE), SCALE) for s, e in zip(starts[:-1], starts[1:])
+    ])
+    assert_close("paged prefill after store_kv vs contiguous attention", paged, contiguous)
 
 
 # -------------------------------------------------------------------------- paged decode attention
@@ -391,17 +362,19 @@ def test_decode_launcher_rejects_bad_inputs(change, error, names):
         K.paged_decode_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("block_tables"), args.pop("context_lens"), **args)
 
 
-def test_other_launchers_reject_bad_inputs():
+def test_paged_prefill_launcher_rejects_bad_inputs():
     q = torch.zeros(10, 9, HEAD_DIM, device=DEVICE, dtype=torch.float16)
-    kv = torch.zeros(10, 3, HEAD_DIM, device=DEVICE, dtype=torch.float16)
+    cache = torch.zeros(4, 16, 3, HEAD_DIM, device=DEVICE, dtype=torch.float16)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
     cu = torch.tensor([0, 10], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(TypeError, match="cu_seqlens_k"):
-        K.varlen_attention(q, kv, kv, cu, cu.long(), 10, 10, causal=True, scale=SCALE)
+    lens = torch.tensor([10], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        K.paged_prefill_attention(q, cache, cache, tables, cu.long(), lens, 10, scale=SCALE)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
-        K.varlen_attention(q, kv, kv, torch.tensor([0], dtype=torch.int32, device=DEVICE), cu, 10, 10, causal=True, scale=SCALE)
+        K.paged_prefill_attention(q, cache, cache, tables, torch.tensor([0], dtype=torch.int32, device=DEVICE), lens, 10, scale=SCALE)
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="all inputs must share a device"):
-            K.varlen_attention(q, kv, kv.cpu(), cu, cu, 10, 10, causal=True, scale=SCALE)
+            K.paged_prefill_attention(q, cache, cache.cpu(), tables, cu, lens, 10, scale=SCALE)
 
 
 def test_masked_and_store_launchers_reject_bad_inputs():
@@ -440,20 +413,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_real_shapes(dtype):
-    """Vision tower (17 tiles x 1,024 patches, 12 heads), a causal varlen prefill batch, a
-    prefix-cached paged prefill, and batch-64 decode over ~4.5k-token video contexts."""
+    """Vision tower (17 tiles x 1,024 patches, 12 heads), a prefix-cached paged prefill, and
+    batch-64 decode over ~4.5k-token video contexts."""
     g = torch.Generator().manual_seed(13)
     q, k, v = (randn(17, 1024, 12, HEAD_DIM, dtype=dtype, generator=g) for _ in range(3))
     mask = vision_padding_mask(17, 32, valid_rows=[32] * 16 + [20], valid_cols=[32] * 16 + [27])
     assert_close("gpu masked", K.masked_attention(q, k, v, mask, scale=SCALE), R.reference_masked_attention(q, k, v, mask, scale=SCALE))
-
-    lens = [1127, 1024, 333, 1, 4500]
-    q = randn(sum(lens), 9, HEAD_DIM, dtype=dtype, generator=g)
-    k, v = (randn(sum(lens), 3, HEAD_DIM, dtype=dtype, generator=g) for _ in range(2))
-    cu = cu_seqlens(lens)
-    for causal in (True, False):
-        out = K.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=causal, scale=SCALE)
-        assert_close(f"gpu varlen causal={causal}", out, R.reference_varlen_attention(q, k, v, cu, cu, causal=causal, scale=SCALE))
 
     for block_size in (16, 32):
         context_lens = [4500, 4096, 1127, 77] * 16  # batch 64

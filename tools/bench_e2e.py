@@ -1,7 +1,8 @@
 """End-to-end CPU benchmark: smolvlm against transformers on the same checkpoint, inputs, dtype, threads.
 
     python tools/bench_e2e.py                       # everything, bf16 and fp32, 2 threads (~20-30 min here)
-    python tools/bench_e2e.py --quick               # smoke run: short answers, 4 scenarios (~5 min here)
+    python tools/bench_e2e.py --quick               # short answers, 4 scenarios (~5 min here)
+    python tools/bench_e2e.py --smoke --json out.json  # seconds: tiny checkpoint, fp32, photo, 3 tokens
     python tools/bench_e2e.py --dtype bf16 --scenarios text photo --repeats 3 \
         --json out.json --markdown out.md --model DIR
     python tools/bench_e2e.py --profile profile.txt --dtype bf16   # where smolvlm's time goes
@@ -53,6 +54,13 @@ to leave the CPU idle, and records how much CPU they took during the sample anyw
 Memory bandwidth: STREAM-like copy / scale-add / read (sum) over 256 MiB fp32 buffers with the same thread
 count; the decode limit is bandwidth / (bytes read per generated token: decoder + lm_head weights + the
 KV cache of the context), and each decode speed is also given as a fraction of that limit.
+
+Smoke mode (--smoke): checks the tool end to end in well under a minute, numbers meaningless. Same two
+children and tables, but on the tiny test checkpoint (`tiny-v1` in the test cache, built there if missing;
+--model overrides), fp32 only, the photo scenario only (--dtype / --scenarios override), answers of 3-4
+tokens, 1 repeat, no waiting for a quiet CPU and no retries (unless --quiet-wait / --retries are given),
+16 MiB bandwidth buffers, only the media files the chosen scenarios use, and the two children of a scenario
+start at the same time (their load times overlap).
 """
 
 from __future__ import annotations
@@ -75,7 +83,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / ".cache" / "test-checkpoints" / "grafted-v1"
+TEST_CACHE = REPO_ROOT / ".cache" / "test-checkpoints"
+DEFAULT_MODEL = TEST_CACHE / "grafted-v1"
 FRAMEWORKS = ("smolvlm", "transformers")
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 ALL_SCENARIOS = ("text", "photo", "images3", "video12", "video64", "batch8")
@@ -116,39 +125,43 @@ def text(t: str) -> dict:
     return {"type": "text", "text": t}
 
 
-def make_scenarios(media: dict[str, Path], names: list[str], quick: bool) -> list[Scenario]:
-    long_answer, short_answer, batch_answer = (16, 4, 8) if quick else (64, 16, 32)
+ANSWER_LENGTHS = {"full": (64, 16, 32), "quick": (16, 4, 8), "smoke": (4, 3, 4)}  # long, short, batch answers
+
+
+def make_scenarios(media: dict[str, Path], names: list[str], lengths: str = "full") -> list[Scenario]:
+    long_answer, short_answer, batch_answer = ANSWER_LENGTHS[lengths]
     image = lambda key: {"type": "image", "path": str(media[key])}  # noqa: E731
     video = lambda key: {"type": "video", "path": str(media[key])}  # noqa: E731
-    table = {
-        "text": Scenario("text", long_answer, [user(text(TEXT_QUESTIONS[0]))], report_names=("text",)),
-        "photo": Scenario(
+    table = {  # built on demand: only the chosen scenarios' media exist
+        "text": lambda: Scenario("text", long_answer, [user(text(TEXT_QUESTIONS[0]))], report_names=("text",)),
+        "photo": lambda: Scenario(
             "photo", short_answer, [user(image("astronaut"), text("Can you describe this image?"))], report_names=("photo",)
         ),
-        "images3": Scenario(  # unsplit (one 512² tile each): split, these would be 17 + 13 + 13 tiles
+        "images3": lambda: Scenario(  # unsplit (one 512² tile each): split, these would be 17 + 13 + 13 tiles
             "images3",
             short_answer,
             [user(image("astronaut"), image("coffee"), image("chelsea"), text("What do these three pictures have in common?"))],
             report_names=("images3",),
             processor_options={"do_image_splitting": False},
         ),
-        "video12": Scenario(
+        "video12": lambda: Scenario(
             "video12",
             short_answer,
             [user(video("clip12"), text("Describe this video.")), user(video("clip12"), text("What colours dominate this video?"))],
             report_names=("video12", "video12-followup"),
         ),
-        "video64": Scenario(
+        "video64": lambda: Scenario(
             "video64", short_answer, [user(video("clip64"), text("Describe this video."))], report_names=("video64",),
             max_repeats=1,  # minutes per run on 2 cores
         ),
-        "batch8": Scenario("batch8", batch_answer, [[user(text(q)) for q in TEXT_QUESTIONS]], batch=True, report_names=("batch8",)),
+        "batch8": lambda: Scenario("batch8", batch_answer, [[user(text(q)) for q in TEXT_QUESTIONS]], batch=True, report_names=("batch8",)),
     }
-    return [table[n] for n in names]
+    return [table[n]() for n in names]
 
 
-def write_media(directory: Path) -> dict[str, Path]:
-    """Photos from scikit-image (nothing downloads) and two H.264 clips written with PyAV."""
+def write_media(directory: Path, scenarios: list[str] | None = None) -> dict[str, Path]:
+    """Photos from scikit-image (nothing downloads) and two H.264 clips written with PyAV; the clips only
+    when `scenarios` (default: all) include the one that uses them."""
     from PIL import Image
     from skimage import data
 
@@ -157,8 +170,10 @@ def write_media(directory: Path) -> dict[str, Path]:
         paths[name] = directory / f"{name}.png"
         Image.fromarray(array).save(paths[name])
     # 1 fps sampling: a 12 s clip gives 12 frames; a 70 s clip gives 64 (the cap; 1 s skipped at each end).
-    paths["clip12"] = write_video(directory / "clip12.mp4", seconds=12, fps=2)
-    paths["clip64"] = write_video(directory / "clip64.mp4", seconds=70, fps=2)
+    if scenarios is None or "video12" in scenarios:
+        paths["clip12"] = write_video(directory / "clip12.mp4", seconds=12, fps=2)
+    if scenarios is None or "video64" in scenarios:
+        paths["clip64"] = write_video(directory / "clip64.mp4", seconds=70, fps=2)
     return paths
 
 
@@ -477,7 +492,7 @@ def child_main(connection, framework: str, dtype_name: str, model_dir: str, thre
 
 
 class Child:
-    def __init__(self, framework: str, dtype_name: str, args, media: dict[str, Path], options: dict):
+    def __init__(self, framework: str, dtype_name: str, args, media: dict[str, Path], options: dict, wait: bool = True):
         context = multiprocessing.get_context("spawn")
         self.framework = framework
         self.connection, child_end = context.Pipe()
@@ -488,7 +503,7 @@ class Child:
             daemon=True,  # killed with the parent if the run stops on an error
         )
         self.process.start()
-        self.info = self.receive("ready")
+        self.info = self.receive("ready") if wait else None  # else the caller receives "ready" later
 
     def receive(self, expected: str) -> dict:
         kind, payload = self.connection.recv()
@@ -622,12 +637,13 @@ def run_benchmark(args) -> dict:
     print(f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, torch {machine['torch']}, "
           f"transformers {machine['transformers']}, {args.threads} threads, load average {machine['load_average_start']}", flush=True)
     wait_for_quiet(args.quiet_wait)
-    bandwidth = measure_bandwidth(args.threads)
+    bandwidth = measure_bandwidth(args.threads, **({"megabytes": 16, "repeats": 2} if args.smoke else {}))
     print(f"memory bandwidth: copy {bandwidth['copy_gb_s']:.1f}, triad {bandwidth['triad_gb_s']:.1f}, "
           f"read {bandwidth['read_gb_s']:.1f} GB/s", flush=True)
     torch.set_num_threads(args.threads)
     model_config = json.loads((args.model / "config.json").read_text())
     text_config = model_config["text_config"]
+    vision_config = model_config["vision_config"]
     with open(args.model / "model.safetensors", "rb") as f:  # page cache warm for whoever loads first
         while f.read(64 << 20):
             pass
@@ -640,14 +656,16 @@ def run_benchmark(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "model": str(args.model),
+        "model_shape": f"text {text_config['hidden_size']} x {text_config['num_hidden_layers']} layers, "
+                       f"vision {vision_config['hidden_size']} x {vision_config['num_hidden_layers']} layers",
         "machine": machine,
         "bandwidth": bandwidth,
         "repeats": args.repeats,
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        media = write_media(Path(tmp))
-        scenarios = make_scenarios(media, args.scenarios, args.quick)
+        media = write_media(Path(tmp), args.scenarios)
+        scenarios = make_scenarios(media, args.scenarios, "smoke" if args.smoke else "quick" if args.quick else "full")
         for dtype_name in args.dtypes:
             element_size = 2 if dtype_name == "bf16" else 4
             run = {"children": {f: [] for f in FRAMEWORKS}, "samples": {}, "peak_rss_mb": {}}
@@ -677,6 +695,8 @@ def cpu_jiffies(pid: int | None = None) -> tuple[int, int]:
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 0.5) -> float:
     """Wait (at most `max_wait_s`) until the machine's CPU is < `threshold` busy over a short window
     (our children are idle then, so what is busy is someone else). Returns the seconds waited."""
+    if max_wait_s <= 0:
+        return 0.0
     start = time.perf_counter()
     while True:
         busy0, total0 = cpu_jiffies()
@@ -718,8 +738,11 @@ def run_scenario(scenario: Scenario, dtype_name: str, args, media: dict[str, Pat
     2-core machine with 2 threads, any of it slows every parallel op down)."""
     children = {}
     try:
-        for framework in FRAMEWORKS:
-            children[framework] = Child(framework, dtype_name, args, media, options)
+        for framework in FRAMEWORKS:  # one after the other (load times undisturbed), except in smoke runs
+            children[framework] = Child(framework, dtype_name, args, media, options, wait=not args.smoke)
+        for child in children.values():
+            if child.info is None:
+                child.info = child.receive("ready")
         repeats = min(args.repeats, scenario.max_repeats or args.repeats)
         for repeat in range(repeats):
             order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
@@ -827,7 +850,7 @@ def markdown(report: dict) -> str:
         f"{m.get('load_average_end', m['load_average_start'])[0]:.2f} at the end (the machine is shared).",
         f"Memory bandwidth ({b['buffer_mb']} MiB buffers): copy {b['copy_gb_s']:.1f} GB/s, scale-add {b['triad_gb_s']:.1f} GB/s, "
         f"read {b['read_gb_s']:.1f} GB/s; the decode limit below uses {b['bandwidth_gb_s']:.1f} GB/s.",
-        f"Checkpoint: `{Path(report['model']).name}` (SmolVLM2-256M shape). Median of {report['repeats']} interleaved "
+        f"Checkpoint: `{Path(report['model']).name}` ({report.get('model_shape', 'SmolVLM2-256M shape')}). Median of {report['repeats']} interleaved "
         f"repeat(s). Date {report['date']}. Command: `{report['command']}`.",
         "",
         "Each cell: smolvlm / transformers (**speed-up of smolvlm**: >1 is better for smolvlm; for memory, "
@@ -900,7 +923,7 @@ def profile_smolvlm(args) -> str:
     runner = SmolvlmRunner(args.model, dtype, {})
     sections = [f"smolvlm profile, {args.dtypes[0]}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}"]
     with tempfile.TemporaryDirectory() as tmp:
-        media = write_media(Path(tmp))
+        media = write_media(Path(tmp), ["text", "photo"])  # the profile uses photos only
         runner.warm_up(media)
         cases = [
             ("text answer, 64 tokens (decode-heavy)", user(text(TEXT_QUESTIONS[0])), 64),
@@ -927,33 +950,60 @@ def profile_smolvlm(args) -> str:
 # =============================================================================================
 
 
+def tiny_test_checkpoint() -> Path:
+    """The test cache's tiny checkpoint (what tests/conftest.py builds), built with tools/make_checkpoints.py
+    if missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_checkpoints", REPO_ROOT / "tools" / "make_checkpoints.py")
+    builder = importlib.util.module_from_spec(spec)
+    sys.modules["make_checkpoints"] = builder  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(builder)
+    out = TEST_CACHE / f"tiny-v{builder.BUILDER_VERSION}"
+    if not (out / "BUILDER_VERSION").is_file():
+        builder.build_atomically("tiny", out)
+    return out
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=["bf16", "fp32", "both"], default="both")
+    parser.add_argument("--dtype", choices=["bf16", "fp32", "both"], default=None, help="default: both (smoke: fp32)")
     parser.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, default=None, help="default: all")
     parser.add_argument("--repeats", type=int, default=1,
                         help="interleaved repeats per scenario (video64 always runs once); 1 keeps the full run near 20 min here")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: the grafted test checkpoint)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory (default: the grafted test checkpoint; smoke: the tiny one)")
     parser.add_argument("--json", type=Path, default=None, help="write every raw sample and the medians here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
-    parser.add_argument("--quick", action="store_true", help="smoke run: short answers, text/photo/video12/batch8, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="short answers, text/photo/video12/batch8 (minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the tool in seconds: tiny test checkpoint, fp32, photo, 3-4 tokens, no quiet-wait, no retries")
     parser.add_argument("--smolvlm-kv-cache-mb", type=int, default=None, help="smolvlm KV-cache budget (default: the engine's)")
     parser.add_argument("--smolvlm-cpu-kernels", choices=["auto", "c", "torch"], default="auto",
                         help="smolvlm's CPU decode path (EngineConfig.cpu_kernels; default: the engine's, auto)")
-    parser.add_argument("--retries", type=int, default=2,
-                        help=f"run a sample again (up to this many times) when other processes took > {CONTENDED * 100:.0f}%% of the CPU")
-    parser.add_argument("--quiet-wait", type=float, default=20.0,
-                        help="before each sample, wait up to this many seconds for other processes to leave the CPU idle")
+    parser.add_argument("--retries", type=int, default=None,
+                        help=f"run a sample again (up to this many times) when other processes took > {CONTENDED * 100:.0f}%% of the CPU (default 2; smoke: 0)")
+    parser.add_argument("--quiet-wait", type=float, default=None,
+                        help="before each sample, wait up to this many seconds for other processes to leave the CPU idle "
+                             "(default 20; smoke: 0, no wait)")
     parser.add_argument("--from-json", type=Path, default=None, help="measure nothing: re-summarise a saved --json report")
     parser.add_argument("--profile", type=Path, default=None,
                         help="instead of the comparison: profile smolvlm (first --dtype) and write the report to this file")
     args = parser.parse_args(argv)
     if args.from_json:
         return args
+    if args.retries is None:
+        args.retries = 0 if args.smoke else 2
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if args.smoke else 20.0
+    if args.dtype is None:
+        args.dtype = "fp32" if args.smoke else "both"
+    if args.model is None:
+        args.model = tiny_test_checkpoint() if args.smoke else DEFAULT_MODEL
     args.dtypes = ["bf16", "fp32"] if args.dtype == "both" else [args.dtype]
     if args.scenarios is None:
-        args.scenarios = ["text", "photo", "video12", "batch8"] if args.quick else list(ALL_SCENARIOS)
+        args.scenarios = ["photo"] if args.smoke else ["text", "photo", "video12", "batch8"] if args.quick else list(ALL_SCENARIOS)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if not (args.model / "config.json").is_file():

@@ -3,8 +3,9 @@
     python tools/bench_kernels.py                 # all kernels, fp16 and bf16, prints a markdown table
     python tools/bench_kernels.py --sweep         # also sweep tile configs / split counts
     python tools/bench_kernels.py --json out.json # full numbers
-    python tools/bench_kernels.py --dry-run       # CPU: run every case once on tiny shapes under
-                                                  # TRITON_INTERPRET and check it against the reference
+    python tools/bench_kernels.py --smoke         # CPU ok (seconds): one case per kernel variant, tiny
+                                                  # shapes, one call each under TRITON_INTERPRET, bf16,
+                                                  # each checked against the reference (--dry-run: same)
 
 Shapes (REFERENCE.md section 1): vision tower 12 heads x 64, 1,024 patches per tile (17 tiles for
 one split image, 64 for a video); decoder 9 query heads sharing 3 KV heads of 64; a 64-frame
@@ -15,6 +16,12 @@ bandwidth counts each byte the kernel must move once (K/V context read, q read, 
 Ceilings are measured on the card itself: a 1 GiB device-to-device copy and an 8192^3 matmul.
 For SDPA each backend (flash, efficient, cudnn) is timed separately on its native [B, H, T, D]
 layout; "sdpa best" is the fastest that runs. flash-attn is added when it is installed.
+
+Smoke mode (--smoke, alias --dry-run): no baselines, no ceilings, no GPU needed; on a machine without CUDA
+the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is seen). Its times are
+one call each (meaningless, interpreter included); what it checks is that every kernel runs and agrees with
+the reference. --json writes {"machine": {...}, "results": [{"kernel", "case", "dtype", "ms", "tflops",
+"gbps", "baselines", "note"}]}.
 """
 
 from __future__ import annotations
@@ -96,6 +103,7 @@ def sdpa_backends(run, args) -> dict[str, float]:
 
 
 def flash_attn_varlen(args):
+    """flash-attn's own `flash_attn_varlen_func` (a baseline from another library), or None."""
     if args.dry_run or args.skip_baselines:
         return None
     try:
@@ -111,6 +119,19 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
     bad = diff > tol + tol * ref.float().abs()
     if bad.any() or out.float().isnan().any():
         raise AssertionError(f"{name}: wrong output, max abs diff {diff.max().item():.3g} (tolerance {tol})")
+
+
+def checked_ms(name: str, run, reference, dry_run: bool) -> float:
+    """Check `run()` against `reference()`, then time it (`bench`); when dry, the checked call is the timed one
+    (under the interpreter each call takes up to a second)."""
+    if not dry_run:
+        check(name, run(), reference())
+        return bench(run, False)
+    start = time.perf_counter()
+    out = run()
+    ms = (time.perf_counter() - start) * 1e3
+    check(name, out, reference())
+    return ms
 
 
 def causal_pairs(q_len: int, k_len: int) -> int:
@@ -150,43 +171,13 @@ def bench_masked(dtype, batch, padded, config, args) -> Result:
         valid[:, : grid * 5 // 8, : grid * 27 // 32] = True
         mask = torch.nn.functional.pad(valid.view(batch, -1), (0, seq - grid * grid))
     run = lambda: K.masked_attention(q, k, v, mask, scale=SCALE, config=config)  # noqa: E731
-    check("masked", run(), R.reference_masked_attention(q, k, v, mask, scale=SCALE))
-    ms = bench(run, args.dry_run)
+    ms = checked_ms("masked", run, lambda: R.reference_masked_attention(q, k, v, mask, scale=SCALE), args.dry_run)
     flops = 4 * batch * heads * seq * seq * HEAD_DIM
 
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's native [B, H, T, D]
     attn_mask = None if mask is None else mask[:, None, None, :]
     baselines = sdpa_backends(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=SCALE), args)
     return Result("masked_attention", f"vision B={batch} T={seq} H={heads}" + (" padded" if padded else ""), str(dtype), ms, tflops=flops / ms / 1e9, baselines=baselines)
-
-
-def bench_varlen(dtype, lengths, causal, config, args) -> Result:
-    """Decoder prefill: packed sequences, 9 query heads over 3 KV heads."""
-    if args.dry_run:
-        lengths = [min(n, 50) for n in lengths][:3]
-    device = args.device
-    q_heads, kv_heads, n = 9, 3, sum(lengths)
-    q = torch.randn(n, q_heads, HEAD_DIM, device=device, dtype=dtype)
-    k, v = (torch.randn(n, kv_heads, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
-    cu_seq = cu(lengths, device)
-    run = lambda: K.varlen_attention(q, k, v, cu_seq, cu_seq, max(lengths), max(lengths), causal=causal, scale=SCALE, config=config)  # noqa: E731
-    check("varlen", run(), R.reference_varlen_attention(q, k, v, cu_seq, cu_seq, causal=causal, scale=SCALE))
-    ms = bench(run, args.dry_run)
-    pairs = sum(causal_pairs(m, m) if causal else m * m for m in lengths)
-    flops = 4 * q_heads * HEAD_DIM * pairs
-
-    baselines = {}
-    if len(set(lengths)) == 1 and not args.dry_run:  # SDPA has no varlen: compare on the equal-length batch
-        b, m = len(lengths), lengths[0]
-        qt = q.view(b, m, q_heads, HEAD_DIM).transpose(1, 2).contiguous()
-        kt = k.view(b, m, kv_heads, HEAD_DIM).repeat_interleave(q_heads // kv_heads, dim=2).transpose(1, 2).contiguous()
-        vt = v.view(b, m, kv_heads, HEAD_DIM).repeat_interleave(q_heads // kv_heads, dim=2).transpose(1, 2).contiguous()
-        baselines = sdpa_backends(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=SCALE), args)
-    fa = flash_attn_varlen(args)
-    if fa is not None:
-        baselines["flash-attn"] = bench(lambda: fa(q, k, v, cu_seq, cu_seq, max(lengths), max(lengths), causal=causal, softmax_scale=SCALE), False)
-    name = f"decoder 9/3 heads lens={lengths if len(lengths) <= 6 else f'{len(lengths)}x{lengths[0]}'}"
-    return Result("varlen_attention", name + (" causal" if causal else " bidirectional"), str(dtype), ms, tflops=flops / ms / 1e9, baselines=baselines)
 
 
 def bench_paged_prefill(dtype, batch, new_tokens, context, block_size, config, args) -> Result:
@@ -201,17 +192,15 @@ def bench_paged_prefill(dtype, batch, new_tokens, context, block_size, config, a
     cu_q = cu([new_tokens] * batch, device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     run = lambda: K.paged_prefill_attention(q, k_cache, v_cache, tables, cu_q, seq_lens, new_tokens, scale=SCALE, config=config)  # noqa: E731
-    check("paged prefill", run(), R.reference_paged_prefill_attention(q, k_cache, v_cache, tables, cu_q, seq_lens, scale=SCALE))
-    ms = bench(run, args.dry_run)
+    ms = checked_ms("paged prefill", run, lambda: R.reference_paged_prefill_attention(q, k_cache, v_cache, tables, cu_q, seq_lens, scale=SCALE), args.dry_run)
     flops = 4 * q_heads * HEAD_DIM * batch * causal_pairs(new_tokens, context)
 
-    # the same attention over K/V held contiguously (what paging costs)
-    k = torch.stack([R.gather_paged(k_cache, tables[b], context) for b in range(batch)]).view(-1, kv_heads, HEAD_DIM)
-    v = torch.stack([R.gather_paged(v_cache, tables[b], context) for b in range(batch)]).view(-1, kv_heads, HEAD_DIM)
-    cu_k = cu([context] * batch, device)
-    baselines = {"triton-varlen-contiguous": bench(lambda: K.varlen_attention(q, k, v, cu_q, cu_k, new_tokens, context, causal=True, scale=SCALE), args.dry_run)}
+    baselines = {}
     fa = flash_attn_varlen(args)
-    if fa is not None:
+    if fa is not None:  # flash-attn over the same K/V held contiguously (what paging costs)
+        k = torch.stack([R.gather_paged(k_cache, tables[b], context) for b in range(batch)]).view(-1, kv_heads, HEAD_DIM)
+        v = torch.stack([R.gather_paged(v_cache, tables[b], context) for b in range(batch)]).view(-1, kv_heads, HEAD_DIM)
+        cu_k = cu([context] * batch, device)
         baselines["flash-attn"] = bench(lambda: fa(q, k, v, cu_q, cu_k, new_tokens, context, causal=True, softmax_scale=SCALE), False)
     return Result("paged_prefill_attention", f"B={batch} new={new_tokens} ctx={context} block={block_size}", str(dtype), ms, tflops=flops / ms / 1e9, baselines=baselines)
 
@@ -227,8 +216,7 @@ def bench_decode(dtype, batch, context, block_size, num_splits, config, args, co
     q = torch.randn(batch, q_heads, HEAD_DIM, device=device, dtype=dtype)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     run = lambda: K.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=SCALE, num_splits=num_splits, config=config)  # noqa: E731
-    check("decode", run(), R.reference_paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=SCALE))
-    ms = bench(run, args.dry_run)
+    ms = checked_ms("decode", run, lambda: R.reference_paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=SCALE), args.dry_run)
     element = q.element_size()
     moved = 2 * batch * context * kv_heads * HEAD_DIM * element + 2 * q.numel() * element + tables.numel() * 4
     gbps = moved / ms / 1e6
@@ -292,14 +280,14 @@ DECODE_CONFIGS = [TileConfig(16, 32, 4, 3), TileConfig(16, 64, 4, 3), TileConfig
 
 
 def sweep(args, results, dtype) -> tuple[TileConfig | None, TileConfig | None]:
-    """Time each prefill config on the vision (B=64) and causal decoder (16 x 1024) cases, and each
-    decode config x split count at batch 64 x 4k; return the best prefill and decode configs
-    (prefill: least total time over both cases)."""
+    """Time each prefill config on the vision (B=64) and causal decoder prefill (paged prefill of 16
+    fresh sequences x 1024 tokens) cases, and each decode config x split count at batch 64 x 4k;
+    return the best prefill and decode configs (prefill: least total time over both cases)."""
     args.skip_baselines = True  # configs are compared with each other
     prefill_totals = {}
     for config in PREFILL_CONFIGS:
         total = 0.0
-        for case in (lambda c: bench_masked(dtype, 64, False, c, args), lambda c: bench_varlen(dtype, [1024] * 16, True, c, args)):
+        for case in (lambda c: bench_masked(dtype, 64, False, c, args), lambda c: bench_paged_prefill(dtype, 16, 1024, 1024, 16, c, args)):
             try:
                 r = case(config)
             except Exception as error:  # noqa: BLE001 - a config can exceed shared memory
@@ -360,13 +348,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="sweep tile configs and split counts per dtype first; the table then uses the best")
     parser.add_argument("--json", help="write all results here")
-    parser.add_argument("--dtypes", default="float16,bfloat16")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, one call each, correctness only (CPU ok)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated torch dtypes (default float16,bfloat16; smoke: bfloat16)")
+    parser.add_argument("--smoke", "--dry-run", dest="dry_run", action="store_true",
+                        help="tiny shapes, one case per kernel variant, one call each, correctness only (CPU ok, seconds)")
     args = parser.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = "bfloat16" if args.dry_run else "float16,bfloat16"
     args.skip_baselines = False
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.type == "cpu" and not args.dry_run:
-        parser.error("no CUDA device: only --dry-run runs on CPU")
+        parser.error("no CUDA device: only --smoke (--dry-run) runs on CPU")
 
     import triton
 
@@ -391,12 +382,17 @@ def main(argv=None) -> int:
             best_prefill, best_decode = sweep(args, results, dtype)
             pre, dec = best_prefill or pre, best_decode or dec
         machine[f"configs {dtype}"] = {"prefill": asdict(pre), "decode": asdict(dec)}
+        if args.dry_run:  # the cases below would shrink to duplicates: one of each variant, smallest shapes
+            record(bench_masked(dtype, 2, False, pre, args))
+            record(bench_masked(dtype, 2, True, pre, args))
+            record(bench_paged_prefill(dtype, 2, 20, 45, 16, pre, args))
+            record(bench_decode(dtype, 2, 70, 16, None, dec, args, copy_gbps))
+            record(bench_decode(dtype, 2, 70, 32, 2, dec, args, copy_gbps))
+            record(bench_store(dtype, 40, args, copy_gbps))
+            continue
         record(bench_masked(dtype, 17, False, pre, args))
         record(bench_masked(dtype, 64, False, pre, args))
         record(bench_masked(dtype, 17, True, pre, args))
-        record(bench_varlen(dtype, [1024] * 16, False, pre, args))
-        record(bench_varlen(dtype, [1024] * 16, True, pre, args))
-        record(bench_varlen(dtype, [1127, 4500, 333, 1024, 77, 2048], True, pre, args))
         record(bench_paged_prefill(dtype, 8, 512, 4096, 16, pre, args))
         for batch, context in ((1, 4096), (16, 4096), (64, 4096), (64, 4500)):
             record(bench_decode(dtype, batch, context, 16, None, dec, args, copy_gbps))

@@ -26,6 +26,11 @@ Kinds:
 Usage: python tools/make_checkpoints.py {tokenizer,tiny,real,grafted,all} --out DIR
 (`all` writes DIR/tokenizer, DIR/tiny, DIR/real, DIR/grafted).
 
+Smoke mode: `python tools/make_checkpoints.py --smoke [--out DIR]` builds the `tiny` kind (seconds) into a
+temporary directory (or DIR, then kept), checks what it wrote (every file above, the tensor names and
+parameter count of the tiny config, the tokenizer's 49280 tokens) and prints one JSON line on stdout:
+{"kind", "out", "seconds", "files": {name: bytes}, "tensors", "parameters", "vocab_size", "kept"}.
+
 This is a tool, not library code: it imports transformers (a test-only dependency of the project).
 """
 
@@ -488,11 +493,63 @@ def build_atomically(kind: str, out: Path) -> Path:
     return out
 
 
+EXPECTED_FILES = (
+    "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "BUILDER_VERSION",
+)
+
+
+def smoke(out: Path | None) -> dict:
+    """Build `tiny` into `out` (or a temporary directory, removed afterwards) and check what was written."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="smolvlm-smoke-") as tmp:
+        target = Path(out) if out is not None else Path(tmp) / "tiny"
+        start = time.perf_counter()
+        build_atomically("tiny", target)
+        seconds = time.perf_counter() - start
+        missing = [name for name in EXPECTED_FILES if not (target / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"tiny checkpoint lacks {missing}")
+        if json.loads((target / "config.json").read_text()) != json.loads(json.dumps(TINY_CONFIG)):
+            raise ValueError("config.json differs from TINY_CONFIG")
+        expected = parameter_shapes(TINY_CONFIG)
+        with safe_open(str(target / "model.safetensors"), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        if shapes != expected:
+            raise ValueError(f"tensors differ from the tiny config's: {sorted(set(shapes) ^ set(expected))[:5]}")
+        vocab_size = Tokenizer.from_file(str(target / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        if vocab_size != VOCAB_SIZE:
+            raise ValueError(f"tokenizer has {vocab_size} tokens, expected {VOCAB_SIZE}")
+        return {
+            "kind": "tiny",
+            "out": str(target),
+            "seconds": seconds,
+            "files": {path.name: path.stat().st_size for path in sorted(target.iterdir())},
+            "tensors": len(shapes),
+            "parameters": sum(int(torch.tensor(shape).prod()) for shape in shapes.values()),
+            "vocab_size": vocab_size,
+            "kept": out is not None,
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=[*BUILDERS, "all"])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (DIR/<kind> for `all`)")
+    parser.add_argument("kind", nargs="?", choices=[*BUILDERS, "all"])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (DIR/<kind> for `all`); with --smoke, optional (kept)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="build the tiny kind into a temporary directory, check it, print a JSON summary")
     args = parser.parse_args(argv)
+    if args.smoke:
+        if args.kind not in (None, "tiny"):
+            parser.error("--smoke builds the tiny kind only")
+        print(json.dumps(smoke(args.out)), flush=True)
+        return 0
+    if args.kind is None or args.out is None:
+        parser.error("a kind and --out DIR are required (or --smoke)")
     kinds = list(BUILDERS) if args.kind == "all" else [args.kind]
     for kind in kinds:
         out = args.out / kind if args.kind == "all" else args.out

@@ -181,9 +181,6 @@ class CpuKernels:
             and x.numel() <= self.max_rows * x.shape[-1]
         )
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x, weight)
-
     def matvec(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (..., K) fp32/bf16, weight (N, K) fp32/bf16 -> (..., N) in x's dtype: F.linear(x, weight)."""
         # Checks kept to attribute reads: this runs ~120 times per decoded token.

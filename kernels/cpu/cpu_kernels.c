@@ -9,8 +9,8 @@
  * time to stream the weights from memory once; and next to those products it runs ~1,000 tiny ops,
  * whose fixed cost (a few microseconds each in PyTorch) adds up to as much again.
  *
- * matvec: PyTorch's bf16 F.linear (oneDNN) reads the weights at about half of this machine's memory
- * bandwidth in a decode loop (tools/bench_matvec.py); this loop reads each weight once, with
+ * matvec: PyTorch's bf16 F.linear (oneDNN) reads the weights well below memory bandwidth in a decode
+ * loop (tools/bench_matvec.py, docs/benchmarks.md); this loop reads each weight once, with
  * prefetching, converts bf16 -> fp32 in registers (exact: a bf16 is
  * the top half of an fp32), multiplies and accumulates in fp32, and rounds the output once.
  * That is the definition of a bf16 matmul (bf16 inputs, fp32 accumulation), so the result differs from

@@ -49,8 +49,6 @@ class BlockManager:
         # front (nothing to lose), cached ones to the back (least recently freed evicted first).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
-        self.num_hit_tokens = 0  # statistics: prompt tokens served from the prefix cache
-        self.num_queried_tokens = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -94,8 +92,6 @@ class BlockManager:
         seq.block_table = hits + [self._take_fresh() for _ in range(num_new)]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_committed_blocks = len(hits)
-        self.num_hit_tokens += seq.num_cached_tokens
-        self.num_queried_tokens += seq.num_tokens
         return True
 
     def ensure_slots(self, seq: Sequence, num_tokens: int) -> bool:

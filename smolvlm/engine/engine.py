@@ -84,7 +84,7 @@ class Engine:
         stop = set(eos_token_ids)
         if processor is not None:
             try:
-                stop.add(processor.tokenizer.token_to_id("<end_of_utterance>"))
+                stop.add(processor.tokenizer.token_to_id(processor.config.tokens.end_of_utterance))
             except ValueError:  # ProcessorError: a tokenizer without it; eos from generation_config only
                 pass
         self.stop_token_ids = frozenset(stop)

@@ -36,8 +36,8 @@ class KVCache:
             # An anonymous memory map: zeroed pages that the OS commits on first write, so the pool
             # costs resident memory only as sequences fill it (torch.zeros writes every page). Huge
             # pages are refused: a prefill writes a few KB into each of many blocks, and a first
-            # touch of a huge page zeroes 2 MB, or stalls on memory compaction (measured: +0.35 s on
-            # a 500-token prefill, one run in three, with numpy's zeros, which asks for huge pages).
+            # touch of a huge page zeroes 2 MB, or stalls on memory compaction (docs/benchmarks.md has
+            # what that cost a prefill).
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             self._buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux

@@ -1,0 +1,167 @@
+"""Every script in tools/ runs its smoke mode (`--smoke`: tiny checkpoint or tiny shapes, seconds) as a
+subprocess from the repository root, and what it reports is checked: the rows of its table and the keys and
+values of the JSON it writes, not only its exit status.
+
+The scripts get the test cache's tiny checkpoint (the `tiny_ckpt` fixture) through their own flags, so none
+of them builds a checkpoint of its own, except make_checkpoints.py, whose smoke mode is building one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240  # each run takes ~5-15 s on 2 idle cores; generous for a shared machine
+
+
+def run_tool(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python tools/<script> --smoke *args` from the repo root; fails the test with its output if it fails."""
+    command = [sys.executable, str(Path("tools") / script), "--smoke", *map(str, args)]
+    try:
+        return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, capture_output=True,
+                              text=True, timeout=TIMEOUT_S, check=True)
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"{' '.join(command)} exited {error.returncode}\n--- stdout\n{error.stdout[-6000:]}\n"
+                    f"--- stderr\n{error.stderr[-6000:]}")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown table rows of `stdout` whose first cell is `first_cell`."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_make_checkpoints_smoke(tmp_path, tiny_ckpt):
+    out = tmp_path / "tiny"
+    result = run_tool("make_checkpoints.py", "--out", out)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["kind"] == "tiny" and summary["kept"] is True and Path(summary["out"]) == out
+    assert positive(summary["seconds"])
+    expected_files = {path.name for path in tiny_ckpt.iterdir()}  # the cached build, same builder
+    assert set(summary["files"]) == expected_files == {path.name for path in out.iterdir()}
+    assert all(positive(size) for size in summary["files"].values())
+    assert summary["files"]["model.safetensors"] == (tiny_ckpt / "model.safetensors").stat().st_size
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    assert summary["vocab_size"] == 49280
+    assert summary["tensors"] == 59 and summary["parameters"] == 6_415_456  # TINY_CONFIG's
+    assert (out / "BUILDER_VERSION").read_text().strip() == tiny_ckpt.name.rsplit("-v", 1)[1]
+
+
+def test_bench_kernels_smoke(tmp_path):
+    env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}  # no GPU: Triton's interpreter on CPU
+    report_path = tmp_path / "kernels.json"
+    result = run_tool("bench_kernels.py", "--json", report_path, env=env)
+    report = json.loads(report_path.read_text())
+    if not torch.cuda.is_available():
+        assert report["machine"]["gpu"] == "cpu (interpreter)"
+    results = report["results"]
+    expected = [
+        ("masked_attention", "vision B=2 T=40 H=2"),
+        ("masked_attention", "vision B=2 T=40 H=2 padded"),
+        ("paged_prefill_attention", "B=2 new=20 ctx=45 block=16"),
+        ("paged_decode_attention", "B=2 ctx=70 block=16 splits=auto"),
+        ("paged_decode_attention", "B=2 ctx=70 block=32 splits=2"),
+        ("store_kv", "N=40 tokens, 3 kv heads"),
+    ]
+    assert [(r["kernel"], r["case"]) for r in results] == expected
+    for r in results:
+        assert r["dtype"] == "torch.bfloat16"
+        assert positive(r["ms"]), r
+        assert positive(r["tflops"] if r["kernel"] in ("masked_attention", "paged_prefill_attention") else r["gbps"]), r
+        assert all(positive(ms) for ms in r["baselines"].values()), r
+    assert results[2]["baselines"] == {} and "torch-index-put" in results[5]["baselines"]  # smoke: no flash-attn baseline
+    printed = [row[:3] for kernel in dict(expected) for row in table_rows(result.stdout, kernel)]
+    assert printed == [[kernel, case, "bfloat16"] for kernel, case in expected]
+
+
+def test_bench_matvec_smoke(tmp_path):
+    report_path = tmp_path / "matvec.json"
+    result = run_tool("bench_matvec.py", "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["layers"] == 1 and report["lm_head"] == [1024, 576] and report["repeats"] == 3
+    rows = report["rows"]
+    assert [(r["dtype"], r["rows"]) for r in rows] == [("bfloat16", 1), ("bfloat16", 2), ("float32", 1), ("float32", 2)]
+    for r in rows:
+        for key in ("torch_ms", "torch_gb_s", "c_ms", "c_gb_s", "speedup"):
+            assert positive(r[key]), (key, r)
+        assert 0 <= r["max_rel_diff"] <= (2e-2 if r["dtype"] == "bfloat16" else 1e-4), r
+    printed = [line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] in (["bfloat16"], ["float32"])]
+    assert printed == [[r["dtype"], str(r["rows"])] for r in rows]
+
+
+def test_bench_processor_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "processor.json"
+    result = run_tool("bench_processor.py", "--processor-dir", tiny_ckpt, "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["processor_dir"] == str(tiny_ckpt) and report["repeats"] == 1
+    image, video = "image 512x512", "video 6 s 160x120"
+    assert [(r["input"], r["implementation"]) for r in report["rows"]] == [
+        (image, "ours"),
+        (image, "transformers, Pillow image processor"),
+        (image, "transformers, default (torchvision) image processor"),
+        (video, "ours"),
+        (video, "transformers (decord + video processor)"),
+    ]
+    for r in report["rows"]:
+        assert positive(r["seconds"]), r
+        # tiny processor: 512² -> 256² -> 4x4 tiles of 64 px + the global one; 6 s at 1 fps -> 6 frames
+        assert r["images"] == (17 if r["input"] == image else 6), r
+    assert [(p["input"], p["ids_masks_identical"], p["pixel_max_abs_diff"]) for p in report["parity"]] == [
+        (image, True, 0.0),
+        (video, True, 0.0),
+    ]
+    printed = [line for line in result.stdout.splitlines() if line.startswith((image, video)) and "identical" not in line]
+    assert [line.split()[-1] for line in printed] == ["17", "17", "17", "6", "6"]  # the `images` column
+
+
+def test_bench_e2e_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "e2e.json"
+    result = run_tool("bench_e2e.py", "--model", tiny_ckpt, "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["model"] == str(tiny_ckpt) and report["repeats"] == 1
+    assert report["model_shape"] == "text 64 x 2 layers, vision 32 x 2 layers"
+    assert positive(report["bandwidth"]["bandwidth_gb_s"]) and report["bandwidth"]["buffer_mb"] == 16
+    assert list(report["runs"]) == ["fp32"]
+    run = report["runs"]["fp32"]
+    summary = run["summary"]
+    assert [name for name in summary if not name.startswith("_")] == ["photo"]
+    photo = summary["photo"]
+    for framework in ("smolvlm", "transformers"):
+        row = photo[framework]
+        for key in ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "decode_fraction_of_limit"):
+            assert positive(row[key]), (framework, key, row)
+        assert row["prompt_tokens"] == photo["smolvlm"]["prompt_tokens"] > 17 * 16  # 17 tiles x 16 <image> tokens
+        assert row["samples_used"] == "1/1"
+        samples = run["samples"]["photo"][framework]
+        assert len(samples) == 1 and samples[0]["new_tokens"] == 3 and len(samples[0]["token_ids"]) == 3
+        assert samples[0]["waited_for_quiet_s"] == 0.0  # smoke: no quiet-wait
+        assert positive(summary["_load"][framework])
+        assert [child["scenario"] for child in run["children"][framework]] == ["photo"]
+    assert photo["same_tokens"] is True  # greedy fp32 parity, as tests/test_engine.py checks on this checkpoint
+    assert positive(photo["decode_limit_tok_s"]) and positive(summary["_weight_bytes_per_token"])
+    assert "C decode kernels" in run["children"]["smolvlm"][0]["decode_path"]
+    [row] = table_rows(result.stdout, "photo")
+    assert row[-2] == "yes" and " / " in row[2]
+
+    # the saved samples re-summarise without measuring anything
+    markdown_path = tmp_path / "e2e.md"
+    subprocess.run([sys.executable, "tools/bench_e2e.py", "--from-json", str(report_path), "--markdown", str(markdown_path)],
+                   cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    [rerendered] = table_rows(markdown_path.read_text(), "photo")
+    assert rerendered == row
