@@ -92,27 +92,26 @@ class DecodeKernels(Protocol):
 class KernelOps(TorchOps):
     """`kernels` where they accept the inputs (few rows, CPU, fp32/bf16), the reference elsewhere.
 
-    Weights that need gradients always take the reference: the kernels compute no backward."""
+    Inputs that need gradients always take the reference: the kernels compute no backward. (These
+    run ~200 times per decoded token, so the checks are written out rather than factored.)"""
 
     def __init__(self, kernels: DecodeKernels):
         self.kernels = kernels
         self.name = type(kernels).__name__
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is None and not _needs_grad(x, weight) and self.kernels.accepts(x, weight):
+        if bias is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
+                and self.kernels.accepts(x, weight):
             return self.kernels.matvec(x, weight)
         return linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if not _needs_grad(x, weight) and self.kernels.accepts_rms_norm(x, weight):
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
+                and self.kernels.accepts_rms_norm(x, weight):
             return self.kernels.rms_norm(x, weight, eps)
         return rms_norm(x, weight, eps)
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if not _needs_grad(x, cos) and self.kernels.accepts_rotary(x, cos):
+        if not (torch.is_grad_enabled() and x.requires_grad) and self.kernels.accepts_rotary(x, cos):
             return self.kernels.rotary(x, cos, sin)
         return apply_rotary(x, cos, sin)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

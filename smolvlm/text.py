@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_modules
 
 from smolvlm.config import TextConfig
 from smolvlm.linear import Embedding, Linear, call_with_ops, scaled_dot_product_attention
@@ -179,7 +180,8 @@ class TextModel(nn.Module):
             for parts in FUSED_PROJECTIONS:
                 modules = [layer.get_submodule(p) for p in parts]
                 weights = [m.weight for m in modules]
-                if _adjacent_rows(weights) is not None:
+                one_row = weights[0][:1]  # a decode-sized input, for the layout check alone
+                if fused_weight(one_row, *modules) is not None:  # already back to back
                     continue
                 packed = torch.cat(weights)  # (sum of out_features, hidden)
                 start = 0
@@ -201,41 +203,34 @@ class TextModel(nn.Module):
 def fused_weight(x: torch.Tensor, *projections: nn.Module) -> torch.Tensor | None:
     """One (sum of out_features, in_features) matrix computing all `projections` of `x` at once, when
     that provably equals calling them: a step of few rows, plain bias-free `Linear`s with no hooks,
-    weights that need no gradient, lying back to back in one storage (the matrix is a view of them).
-    Else None: the caller runs the projections one by one."""
-    if x.numel() >= FUSED_MAX_ROWS * x.shape[-1] or _global_hooks():
+    weights that need no gradient, lying back to back in memory (the matrix is a view of them).
+    Else None: the caller runs the projections one by one.
+
+    Runs twice per layer in every decode step, so it reads the modules' dicts directly (nn.Module's
+    attribute lookup costs more than the checks)."""
+    if x.numel() >= FUSED_MAX_ROWS * x.shape[-1] or _torch_modules._global_forward_hooks \
+            or _torch_modules._global_forward_pre_hooks:  # hooks registered for every module
         return None
+    weights = []
     for m in projections:
-        if type(m) is not Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+        if type(m) is not Linear or m._forward_hooks or m._forward_pre_hooks or m._parameters["bias"] is not None:
             return None
-    weights = [m.weight for m in projections]
+        weights.append(m._parameters["weight"])
+    first = weights[0]
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return None  # the view is not connected to the parameters in autograd
-    return _adjacent_rows(weights)
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks registered for every module (nn.modules.module.register_module_forward_hook)
-    exist: they expect to see each projection's own call."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
-
-
-def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
-    """torch.cat(weights) as a view, when the (rows, K) matrices lie back to back in one storage; else None."""
-    first = weights[0]
-    if not all(w.is_contiguous() and w.dim() == 2 and w.shape[1] == first.shape[1] and w.dtype == first.dtype
-               for w in weights):
-        return None
-    storage = first.untyped_storage().data_ptr()
-    position = first.storage_offset()
-    for w in weights:
-        if w.storage_offset() != position or w.untyped_storage().data_ptr() != storage:
+    k, size, address, rows = first.shape[1], first.element_size(), first.data_ptr(), 0
+    for w in weights:  # each starts where the previous ends
+        if w.data_ptr() != address + rows * k * size or w.dim() != 2 or w.shape[1] != k \
+                or w.dtype != first.dtype or not w.is_contiguous():
             return None
-        position += w.numel()
-    rows = sum(w.shape[0] for w in weights)
-    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))  # (sum of rows, K)
+        rows += w.shape[0]
+    # (rows, K) over the first weight's storage: as_strided refuses it unless that storage holds all
+    # of them, and then the bytes after the first weight are the others' (live tensors never overlap)
+    try:
+        return first.as_strided((rows, k), (k, 1))
+    except RuntimeError:  # separate allocations that happen to touch
+        return None
 
 
 class CausalAttention:
