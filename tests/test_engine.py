@@ -378,6 +378,18 @@ def test_stream_pieces_add_up_to_the_text(tiny_ckpt, conversations):
     next(stream)
     stream.close()
     assert_pool_empty(engine)
+    # so does a stream closed or dropped before its first piece: nothing stays queued
+    stream = engine.stream(conversations["video"], params)
+    assert engine.has_unfinished()
+    stream.close()
+    assert not engine.has_unfinished() and stream.request_id not in engine.requests
+    engine.stream(conversations["text"], params)  # dropped at once
+    assert not engine.has_unfinished()
+    assert_pool_empty(engine)
+    # the result comes with the stream
+    stream = engine.stream(conversations["text"], params)
+    text = "".join(stream)
+    assert stream.result is not None and stream.result.text == text and 0 < len(stream.result.token_ids) <= 24
 
 
 def test_incremental_detokenizer_never_splits_a_character(tiny_ckpt):

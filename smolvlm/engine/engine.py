@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -327,39 +327,48 @@ class Engine:
 class Stream:
     """The text of one request as it is generated. Iterate for the pieces; once the iteration ends,
     `.result` holds the GenerationResult (token ids, finish reason, counts). A failed request raises
-    RequestError from the iteration. Closing early (`close()`, or leaving a `for` loop whose stream is
-    then dropped) aborts the request and gives its KV blocks back."""
+    RequestError from the iteration. Closing early (`close()`, or dropping the stream unfinished, e.g.
+    leaving a `for` loop over `engine.stream(...)`) aborts the request and gives its KV blocks back."""
 
     def __init__(self, engine: Engine, request_id: int):
         self.engine = engine
         self.request_id = request_id
         self.result: GenerationResult | None = None
-        self._pieces = self._run()
+        self._pending: list[str] = []  # pieces stepped but not handed out yet
+        # (no generator holding `self`: a dropped stream is then freed at once, and __del__ aborts it)
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        self._pieces.close()
-
-    def _run(self) -> Iterator[str]:
-        engine, request_id = self.engine, self.request_id
+        engine = self.engine
         try:
-            while request_id in engine.requests:
+            while not self._pending:
+                if self.request_id not in engine.requests:  # finished, failed or aborted: nothing more
+                    raise StopIteration
                 for out in engine.step():
-                    if out.request_id != request_id:
+                    if out.request_id != self.request_id:
                         continue
                     if out.text:
-                        yield out.text
+                        self._pending.append(out.text)
                     if out.result is not None:
                         self.result = out.result
                         if out.result.finish_reason == "error":
                             raise RequestError(out.result.error or "generation failed")
-        finally:
-            engine.abort(request_id)  # closed early: give the blocks back
+        except StopIteration:
+            raise
+        except BaseException:  # a failed step or an interrupt: the request must not stay queued
+            engine.abort(self.request_id)
+            raise
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        """Stop early: abort the request (if it is still running) and give its KV blocks back."""
+        self.engine.abort(self.request_id)
+
+    def __del__(self) -> None:  # a stream dropped unfinished must not keep its request queued
+        if self.result is None:
+            self.close()
 
 
 def _load_cpu_kernels(choice: str, device: torch.device):
