@@ -89,7 +89,7 @@ class ModelRunner:
         """(n_tiles * image_seq_len, hidden) for one image, from the cache or the vision tower."""
         features = self.vision_cache.get(span.content_hash)
         if features is None:
-            image = span.image  # engine.inputs.ImageInput
+            image = span.image  # request.ImageInput
             pixels = image.pixel_values.to(self.device)
             mask = None if image.pixel_attention_mask is None else image.pixel_attention_mask.to(self.device)
             if self.vision_attention is None:
