@@ -1,7 +1,7 @@
 """What a request is made of before it runs: a tokenised prompt and its images, checked once.
 
     prompt = prompt_from_conversation(processor, messages)   # the processor's output, as engine inputs
-    spans = image_spans(prompt, request_id, model_config)     # where each image's <image> tokens are
+    spans = image_spans(prompt, request_id, vocab_size, image_token_id, image_seq_len)  # checked; where each image's tokens are
 
 `ImageInput` is the engine's one record of an image (or a video): its tiles, their content hash, an
 optional pixel mask. A `Sequence` keeps each with the prompt positions of its `<image>` tokens
