@@ -16,8 +16,11 @@ The engine never changes the model it is given: its choice of few-row kernels (`
 backend are arguments of each call it makes, so several engines can share one model, and a plain
 `model(...)` call is unaffected by any of them.
 
-A request that cannot run (unreadable image, prompt over the context, a pool too small for it)
-finishes alone with `finish_reason="error"` and a message; the others in the same call complete.
+A request that cannot run (unreadable image, prompt over the context, a pool too small for it,
+non-finite logits, a failed step) finishes alone with `finish_reason="error"` and a message; the
+others in the same call complete. Every request has one consumer of its outputs (a `generate` call,
+a `Stream`, or the callers of `step()` for `add_request`); outputs stepped for another wait in a
+mailbox, so none is lost. One thread at a time (`_exclusive`).
 Below the conversation level, `add_request` also takes `PromptInputs` (token ids + image tensors +
 content hashes, request.py) directly.
 """
@@ -25,11 +28,14 @@ content hashes, request.py) directly.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -111,6 +117,11 @@ class Engine:
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
         self._next_id = 0
+        # Every output goes to its request's consumer: `generate`, a `Stream`, or (requests added with
+        # `add_request`) whoever calls `step()`. Outputs stepped for one consumer wait here for theirs.
+        self._mailbox: defaultdict[int, list[StepOutput]] = defaultdict(list)
+        self._owner: dict[int, object] = {}  # request id -> its consumer; absent = step() callers
+        self._lock = threading.RLock()  # one thread at a time (see `_exclusive`)
         self._model_fingerprint = model.fingerprint()  # what the cached KV and image features were computed with
 
     def _blocks_from_budget(self, model, config: EngineConfig) -> int:
@@ -157,10 +168,31 @@ class Engine:
         """Conversation -> PromptInputs through the processor (raises its ProcessorError on bad input)."""
         return prompt_from_conversation(self.processor, conversation, **processor_options)
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The engine is used by one thread at a time: a call from a second thread while another is
+        inside the engine raises at once, naming the rule, and leaves the engine as it was."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this Engine is being used by another thread: an Engine serves one thread at a time "
+                "(run one loop thread that owns it and hand requests to it, or give each thread its own Engine)"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def add_request(
         self, prompt: PromptInputs | Messages, params: SamplingParams = SamplingParams(), **processor_options: Any
     ) -> int:
-        """Queue one request; returns its id. Raises (RequestError / ProcessorError) if it cannot be served."""
+        """Queue one request; returns its id. Raises (RequestError / ProcessorError) if it cannot be served.
+        Its outputs come from `step()`."""
+        with self._exclusive():
+            return self._add(prompt, params, None, **processor_options)
+
+    def _add(self, prompt, params: SamplingParams, owner: object | None, **processor_options: Any) -> int:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(prompt, PromptInputs):
             prompt = self.prepare(prompt, **processor_options)
         self._drop_stale_caches()
@@ -188,6 +220,8 @@ class Engine:
             output = TextOutput(lambda ids: self.processor.decode(ids, skip_special_tokens=skip), params.stop)
         self.requests[request_id] = _Request(seq, output)
         self.sampler.add(request_id, params)
+        if owner is not None:
+            self._owner[request_id] = owner
         return request_id
 
     def _drop_stale_caches(self) -> None:
@@ -200,10 +234,17 @@ class Engine:
             self._model_fingerprint = fingerprint
 
     def abort(self, request_id: int) -> None:
+        """Stop a request now (if it is still running) and free its KV blocks; its pending outputs are dropped."""
+        with self._exclusive():
+            self._abort(request_id)
+
+    def _abort(self, request_id: int) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.finish(request.seq, "abort")
             self.sampler.remove(request_id)
+        self._mailbox.pop(request_id, None)
+        self._owner.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -211,7 +252,26 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[StepOutput]:
-        """Run one model step; return the new text (and results) of the requests it advanced."""
+        """Run one model step; return the new text (and results) of the requests added with
+        `add_request` that it advanced (outputs of `generate`'s and streams' requests go to them)."""
+        with self._exclusive():
+            self._advance()
+            mine = [rid for rid in self._mailbox if rid not in self._owner]
+            return [out for rid in mine for out in self._mailbox.pop(rid)]
+
+    def _advance(self) -> None:
+        """One step; every output into its request's mailbox."""
+        for out in self._step():
+            self._mailbox[out.request_id].append(out)
+
+    def _take(self, request_id: int) -> list[StepOutput]:
+        """The outputs waiting for `request_id`; once its result is among them, it is forgotten."""
+        outputs = self._mailbox.pop(request_id, [])
+        if any(out.result is not None for out in outputs):
+            self._owner.pop(request_id, None)
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         batch = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
@@ -242,10 +302,19 @@ class Engine:
                 self.stats.decode_tokens += n
             if seq.num_computed_tokens == seq.num_cached_tokens and seq.num_cached_tokens:
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
-        sampled = self.runner.execute(batch, images)
+        try:
+            sampled, failed = self.runner.execute(batch, images)
+        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            for seq in batch.seqs:
+                self.scheduler.finish(seq, "error", f"request {seq.seq_id}: the model step failed: {type(e).__name__}: {e}")
+                outputs.append(self._finalize(seq))
+            return outputs
         self.stats.steps += 1
         self.stats.vision_calls = self.runner.num_vision_calls
         self.scheduler.postprocess(batch, sampled)
+        for i, message in failed.items():  # non-finite logits: that request alone fails
+            self.scheduler.finish(batch.seqs[i], "error", message)
+            outputs.append(self._finalize(batch.seqs[i]))
 
         for seq, token in zip(batch.seqs, sampled):
             if token is None:
@@ -295,25 +364,44 @@ class Engine:
     ) -> list[GenerationResult]:
         """Run every conversation to completion, batched; results in input order.
 
-        A conversation that fails (bad image, too long...) gets a result with finish_reason "error"
-        and the message in `.error`; the others are not affected."""
+        A conversation that fails (bad image, too long, non-finite logits...) gets a result with
+        finish_reason "error" and the message in `.error`; the others are not affected. However this
+        call ends (an exception, KeyboardInterrupt), none of its requests stays behind."""
+        if isinstance(conversations, (str, dict)):
+            raise TypeError(
+                "generate takes a list of conversations (or one conversation: a list of messages), got a "
+                f"{type(conversations).__name__}; e.g. [[{{'role': 'user', 'content': 'Hello'}}]]"
+            )
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # one conversation given as a list of messages
         if isinstance(params, SamplingParams):
             params = [params] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(params)} SamplingParams")
-        results: list[GenerationResult | None] = [None] * len(conversations)
-        ids: dict[int, int] = {}
-        for index, (conversation, p) in enumerate(zip(conversations, params)):
+        with self._exclusive():
+            owner = object()  # this call
+            results: list[GenerationResult | None] = [None] * len(conversations)
+            ids: dict[int, int] = {}
             try:
-                ids[self.add_request(conversation, p, **processor_options)] = index
-            except (ValueError, OSError) as e:  # ProcessorError and RequestError are ValueErrors
-                results[index] = GenerationResult(-1, "", [], "error", error=f"conversation {index}: {e}")
-        while any(r in self.requests for r in ids):
-            for out in self.step():
-                if out.result is not None and out.request_id in ids:
-                    results[ids[out.request_id]] = out.result
+                for index, (conversation, p) in enumerate(zip(conversations, params)):
+                    try:
+                        ids[self._add(conversation, p, owner, **processor_options)] = index
+                    except Exception as e:  # noqa: BLE001 - a bad conversation fails alone
+                        # ProcessorError and RequestError are ValueErrors with full messages; name anything else
+                        reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+                        results[index] = GenerationResult(-1, "", [], "error", error=f"conversation {index}: {reason}")
+                waiting = set(ids)
+                while waiting:
+                    for rid in list(waiting):
+                        for out in self._take(rid):
+                            if out.result is not None:
+                                results[ids[rid]] = out.result
+                                waiting.discard(rid)
+                    if waiting:
+                        self._advance()
+            finally:
+                for rid in ids:  # normally all finished; after an exception, abort what is left
+                    self._abort(rid)
         return results  # type: ignore[return-value]
 
     def stream(
@@ -321,7 +409,10 @@ class Engine:
     ) -> "Stream":
         """One request, its answer text piece by piece: `for piece in engine.stream(...)`. The request is
         queued now (a bad one raises here); afterwards the stream's `.result` is its GenerationResult."""
-        return Stream(self, self.add_request(conversation, params, **processor_options))
+        with self._exclusive():
+            stream = Stream(self)
+            stream.request_id = self._add(conversation, params, stream.owner, **processor_options)
+        return stream
 
 
 class Stream:
@@ -330,44 +421,48 @@ class Stream:
     RequestError from the iteration. Closing early (`close()`, or dropping the stream unfinished, e.g.
     leaving a `for` loop over `engine.stream(...)`) aborts the request and gives its KV blocks back."""
 
-    def __init__(self, engine: Engine, request_id: int):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.request_id = request_id
+        self.owner = object()  # the consumer of this request's outputs (not `self`: no cycle, see __del__)
+        self.request_id = -1
         self.result: GenerationResult | None = None
-        self._pending: list[str] = []  # pieces stepped but not handed out yet
-        # (no generator holding `self`: a dropped stream is then freed at once, and __del__ aborts it)
+        self._pending: list[str] = []  # pieces taken but not handed out yet
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
         engine = self.engine
-        try:
-            while not self._pending:
-                if self.request_id not in engine.requests:  # finished, failed or aborted: nothing more
-                    raise StopIteration
-                for out in engine.step():
-                    if out.request_id != self.request_id:
+        with engine._exclusive():
+            try:
+                while not self._pending:
+                    finished = self.request_id not in engine.requests and not engine._mailbox.get(self.request_id)
+                    if self.result is not None or finished:
+                        raise StopIteration  # its result was handed out, or it was aborted
+                    outputs = engine._take(self.request_id)
+                    if not outputs:
+                        engine._advance()
                         continue
-                    if out.text:
-                        self._pending.append(out.text)
-                    if out.result is not None:
-                        self.result = out.result
-                        if out.result.finish_reason == "error":
-                            raise RequestError(out.result.error or "generation failed")
-        except StopIteration:
-            raise
-        except BaseException:  # a failed step or an interrupt: the request must not stay queued
-            engine.abort(self.request_id)
-            raise
-        return self._pending.pop(0)
+                    for out in outputs:
+                        if out.text:
+                            self._pending.append(out.text)
+                        if out.result is not None:
+                            self.result = out.result
+                            if out.result.finish_reason == "error":
+                                raise RequestError(out.result.error or "generation failed")
+            except StopIteration:
+                raise
+            except BaseException:  # a failed request, a failed step or an interrupt: nothing stays queued
+                engine._abort(self.request_id)
+                raise
+            return self._pending.pop(0)
 
     def close(self) -> None:
         """Stop early: abort the request (if it is still running) and give its KV blocks back."""
         self.engine.abort(self.request_id)
 
     def __del__(self) -> None:  # a stream dropped unfinished must not keep its request queued
-        if self.result is None:
+        if self.result is None and self.request_id in self.engine.requests:
             self.close()
 
 

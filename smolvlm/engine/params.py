@@ -7,7 +7,8 @@ The sampling knobs mirror transformers' `GenerationConfig` names and semantics
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -24,23 +25,49 @@ class SamplingParams:
     skip_special_tokens: bool = True  # for the detokenised `text`
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if isinstance(self.stop, str):  # a lone string is one stop string, not a tuple of characters
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if any(not s for s in self.stop):
-            raise ValueError("SamplingParams.stop: empty stop strings are not allowed")
+        # Checked at the door, types and ranges, NaN and infinities rejected (`x <= 0` is False for
+        # NaN, so a range test alone lets it through); every message names the field.
+        _int("max_new_tokens", self.max_new_tokens, low=1)
+        _real("temperature", self.temperature, low=0.0, low_open=False)
+        _int("top_k", self.top_k, low=0)
+        _real("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        _real("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        if self.seed is not None:
+            _int("seed", self.seed, low=0, high=2**63 - 1)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # a lone string is one stop string
+        try:
+            stop = tuple(stop)
+            stop_token_ids = tuple(self.stop_token_ids)
+        except TypeError:
+            raise TypeError("SamplingParams.stop and stop_token_ids must be sequences (of strings / of ints)") from None
+        if any(not isinstance(t, str) or not t for t in stop):
+            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {stop!r:.120}")
+        for t in stop_token_ids:
+            _int("stop_token_ids[...]", t, low=0)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SamplingParams.{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"SamplingParams.{name} must be {bounds}, got {value}")
+
+
+def _real(name: str, value, low: float, low_open: bool, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"SamplingParams.{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name} must be a finite number, got {value}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+        raise ValueError(f"SamplingParams.{name} must be in {interval}, got {value}")

@@ -143,9 +143,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
-    ) -> list[int | None]:
-        """Run the model over the step's tokens; the sampled token of each entry that reaches its end, else None.
-        `images[i]`: entry i's image positions and features (from `image_inputs`), or None."""
+    ) -> tuple[list[int | None], dict[int, str]]:
+        """Run the model over the step's tokens. Returns the sampled token of each entry that reaches
+        its end (else None), and the entries whose logits were not finite (index -> message): those
+        sample nothing and must fail, alone. `images[i]`: entry i's image positions and features
+        (from `image_inputs`), or None."""
         input_ids, positions, metadata = self.build_metadata(batch)  # (N,), (N,)
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
         decode_only = batch.num_decodes == len(batch) == len(sampling) and all(e is None for e in images)
@@ -157,21 +159,25 @@ class ModelRunner:
             attention = PagedAttention(self.kv_cache, metadata, self.backend)
             hidden = self.model.decode(embeds, positions, attention, self.ops)  # (N, hidden)
             if not sampling:
-                return [None] * len(batch)
+                return [None] * len(batch), {}
             ends = list(itertools.accumulate(metadata.query_lens))  # entry i's last token is at ends[i] - 1
             last = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
             logits = self.model.logits(hidden[last], self.ops).float()  # (S, vocab)
-        seqs = [batch.seqs[i] for i in sampling]
-        tokens = self.sampler(
-            logits,
-            [s.seq_id for s in seqs],
-            [s.params for s in seqs],
-            [s.token_ids for s in seqs],
-        )
+        failed: dict[int, str] = {}
+        finite = torch.isfinite(logits).all(dim=-1)  # (S,)
+        if not bool(finite.all()):  # a NaN / inf row would sample garbage (argmax of NaN is arbitrary)
+            rows = finite.tolist()
+            failed = {i: f"request {batch.seqs[i].seq_id}: the model's logits are not finite (NaN or inf)"
+                      for i, ok in zip(sampling, rows) if not ok}
+            logits = logits[finite]
+            sampling = [i for i, ok in zip(sampling, rows) if ok]
         out: list[int | None] = [None] * len(batch)
-        for i, token in zip(sampling, tokens):
-            out[i] = token
-        return out
+        if sampling:
+            seqs = [batch.seqs[i] for i in sampling]
+            tokens = self.sampler(logits, [s.seq_id for s in seqs], [s.params for s in seqs], [s.token_ids for s in seqs])
+            for i, token in zip(sampling, tokens):
+                out[i] = token
+        return out, failed
 
     def _flat_images(
         self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
