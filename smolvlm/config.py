@@ -16,6 +16,8 @@ relying on the SigLIP-base values 12 and 3072: that is why those two keep their 
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,8 @@ def _get(section: dict, key: str, kind: type, where: str, default: Any = _MISSIN
         raise ConfigError(
             f"config.json: field {where}.{key} should be {kind.__name__}, got {type(value).__name__} {value!r}"
         )
+    if kind is float and not math.isfinite(value):  # json reads NaN and Infinity
+        raise ConfigError(f"config.json: field {where}.{key} must be a finite number, got {value!r}")
     return value
 
 
@@ -75,6 +79,8 @@ class VisionConfig:
             raise ConfigError(
                 f"config.json: vision_config.image_size {self.image_size} is smaller than patch_size {self.patch_size}"
             )
+        if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise ConfigError(f"config.json: vision_config.layer_norm_eps must be a positive finite number, got {self.layer_norm_eps!r}")
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"config.json: vision_config.hidden_act {self.hidden_act!r} is not supported")
 
@@ -137,6 +143,10 @@ class TextConfig:
             raise ConfigError(f"config.json: text_config.head_dim must be even for RoPE, got {self.head_dim}")
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: text_config.hidden_act {self.hidden_act!r} is not supported (only silu)")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"config.json: text_config.{name} must be a positive finite number, got {value!r}")
 
     @property
     def softmax_scale(self) -> float:

@@ -217,3 +217,40 @@ def test_a_failed_stream_raises_and_leaves_nothing(engine, good, solo):
     assert stream.result is not None and stream.result.finish_reason == "error"
     assert_idle(engine)
     assert_behaves(engine, good, solo)
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 0), ("max_num_seqs", 0), ("num_kv_blocks", 0),
+                                          ("max_model_len", -5), ("vision_cache_memory", -1), ("cuda_graphs", 1)])
+def test_engine_config_is_checked_before_anything_is_allocated(field, value):
+    from smolvlm.engine import EngineConfig
+
+    with pytest.raises((TypeError, ValueError), match=f"EngineConfig.{field}"):
+        EngineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("section, field, value", [("text_config", "rms_norm_eps", math.nan),
+                                                    ("text_config", "rms_norm_eps", -1.0),
+                                                    ("text_config", "rope_theta", math.inf),
+                                                    ("vision_config", "layer_norm_eps", 0.0)])
+def test_config_floats_are_checked_on_load(tiny_ckpt, tmp_path, section, field, value):
+    import json
+    import shutil
+
+    from smolvlm import ConfigError, SmolVLM
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config[section][field] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"{section}.{field}"):
+        SmolVLM.from_pretrained(ckpt)
+
+
+def test_float16_on_cpu_runs_on_the_torch_attention_path(tiny_ckpt):
+    engine = Engine.from_pretrained(tiny_ckpt, dtype=torch.float16, num_kv_blocks=64)  # cpu_kernels "auto"
+    assert engine.backend.name == "torch"  # the C decode attention takes float32 / bfloat16 only
+    [result] = engine.generate([user("Hi")], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert result.error is None and len(result.token_ids) == 4
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        Engine.from_pretrained(tiny_ckpt, dtype=torch.float16, num_kv_blocks=64, attention_backend="cpu")

@@ -210,8 +210,12 @@ def vision_attention_for(backend, device: torch.device, head_dim: int):
     return None
 
 
-def make_backend(name: str, device: torch.device, cpu_kernels=None) -> TorchBackend | TritonBackend:
-    """`cpu_kernels`: the engine's `CpuKernels` (CPU only; None when it runs decode steps in PyTorch)."""
+def make_backend(
+    name: str, device: torch.device, cpu_kernels=None, dtype: torch.dtype = torch.float32
+) -> TorchBackend | TritonBackend:
+    """`cpu_kernels`: the engine's `CpuKernels` (CPU only; None when it runs decode steps in PyTorch).
+    `dtype`: the KV cache's (the C decode attention takes float32 and bfloat16)."""
+    c_dtype = dtype in (torch.float32, torch.bfloat16)
     if name == "torch":
         return TorchBackend()
     if name == "cpu":
@@ -219,6 +223,8 @@ def make_backend(name: str, device: torch.device, cpu_kernels=None) -> TorchBack
             raise ValueError(
                 "attention_backend='cpu' needs a CPU model and the C decode kernels (cpu_kernels='c' or 'auto')"
             )
+        if not c_dtype:
+            raise ValueError(f"attention_backend='cpu' takes float32 or bfloat16 models, not {dtype}; use 'torch'")
         return CpuBackend(cpu_kernels)
     if name == "triton":
         try:
@@ -234,7 +240,7 @@ def make_backend(name: str, device: torch.device, cpu_kernels=None) -> TorchBack
                 return TritonBackend()
             except ImportError:
                 pass
-        if device.type == "cpu" and cpu_kernels is not None:
+        if device.type == "cpu" and cpu_kernels is not None and c_dtype:
             return CpuBackend(cpu_kernels)
         return TorchBackend()
     raise ValueError(f"attention_backend must be 'auto', 'torch', 'triton' or 'cpu', got {name!r}")

@@ -22,3 +22,16 @@ class EngineConfig:
     # else "torch" with a warning. Ignored on CUDA. The engine passes its choice to every model call it
     # makes (`ops`, smolvlm/ops.py); the model itself is never changed.
     cpu_kernels: str = "auto"
+
+    def __post_init__(self) -> None:  # checked before any memory is allocated, each message naming the field
+        for name, low in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("vision_cache_memory", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EngineConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be None or an int >= 1, got {value!r}")
+        for name in ("enable_prefix_caching", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")

@@ -106,7 +106,7 @@ class Engine:
         self.cpu_kernels = _load_cpu_kernels(config.cpu_kernels, device)  # CpuKernels, or None: plain PyTorch
         # The few-row operations of every model call this engine makes (smolvlm/ops.py).
         self.ops: Ops = TORCH_OPS if self.cpu_kernels is None else KernelOps(self.cpu_kernels)
-        self.backend = make_backend(config.attention_backend, device, self.cpu_kernels)
+        self.backend = make_backend(config.attention_backend, device, self.cpu_kernels, model.dtype)
         graphs = None
         if config.cuda_graphs and device.type == "cuda" and self.backend.name == "triton":
             graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, config.max_num_seqs, self.max_model_len, self.ops)
