@@ -254,3 +254,96 @@ def test_float16_on_cpu_runs_on_the_torch_attention_path(tiny_ckpt):
     assert result.error is None and len(result.token_ids) == 4
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         Engine.from_pretrained(tiny_ckpt, dtype=torch.float16, num_kv_blocks=64, attention_backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Media from URLs and files
+# ---------------------------------------------------------------------------------------------
+
+
+def _serve(handle_connection):
+    """A TCP server on 127.0.0.1 whose every connection is handed to `handle_connection(socket)` in a
+    thread; returns (port, stop)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    stopping = threading.Event()
+
+    def accept_loop():
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=handle_connection, args=(conn, stopping), daemon=True).start()
+        listener.close()
+
+    thread = threading.Thread(target=accept_loop, daemon=True)
+    thread.start()
+
+    def stop():
+        stopping.set()
+        thread.join(5)
+
+    return listener.getsockname()[1], stop
+
+
+def _drip(conn, stopping):  # headers at once, then one byte every 0.2 s, for at most 60 s
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(300):
+        if stopping.wait(0.2):
+            break
+        try:
+            conn.sendall(b"x")
+        except OSError:
+            break
+    conn.close()
+
+
+def _silent(conn, stopping):  # accepts, never answers (at most 60 s)
+    stopping.wait(60)
+    conn.close()
+
+
+@pytest.mark.parametrize("server", [_drip, _silent], ids=["drip-feed", "never-answers"])
+def test_a_slow_url_fails_within_its_deadline(server, monkeypatch):
+    from smolvlm.processing import ProcessorError
+    from smolvlm.processing import image as image_module
+
+    monkeypatch.setattr(image_module, "URL_TIMEOUT_S", 1.0)
+    port, stop = _serve(server)
+    outcome = {}
+
+    def fetch():
+        try:
+            image_module.load_image({"type": "image", "url": f"http://127.0.0.1:{port}/x.png"})
+        except ProcessorError as e:
+            outcome["error"] = str(e)
+
+    try:
+        worker = threading.Thread(target=fetch, daemon=True)
+        worker.start()
+        worker.join(30)  # a liveness bound (the deadline is 1 s), not a speed claim
+        assert not worker.is_alive(), "the download ignored its deadline"
+    finally:
+        stop()
+    assert "cannot fetch" in outcome.get("error", ""), outcome
+
+
+def test_url_never_reads_local_files_and_files_have_a_size_cap(tmp_path, photos, monkeypatch):
+    from smolvlm.processing import ProcessorError
+    from smolvlm.processing import image as image_module
+
+    photo = tmp_path / "cat.png"
+    photos["chelsea"].save(photo)
+    with pytest.raises(ProcessorError, match="pass a local file as 'path'"):
+        image_module.load_image({"type": "image", "url": str(photo)})
+    with pytest.raises(ProcessorError, match="pass a local file as 'path'"):
+        image_module.load_image({"type": "image", "url": f"file://{photo}"})
+    assert image_module.load_image({"type": "image", "path": str(photo)}).size == photos["chelsea"].size
+    monkeypatch.setattr(image_module, "FILE_MAX_BYTES", 1000)
+    with pytest.raises(ProcessorError, match="byte limit"):
+        image_module.load_image({"type": "image", "path": str(photo)})

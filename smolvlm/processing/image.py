@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from smolvlm.processing.config import MAX_IMAGE_SIZE, ImageSettings
 from smolvlm.processing.errors import ProcessorError
 
-URL_TIMEOUT_S = 20.0
+URL_TIMEOUT_S = 20.0  # the whole download (connect, headers, body), not each socket read
 URL_MAX_BYTES = 64 * 1024 * 1024  # refuse downloads larger than this
+FILE_MAX_BYTES = 64 * 1024 * 1024  # and local image files larger than this
 
 
 @dataclass
@@ -60,23 +62,41 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
         raise ProcessorError(f"{name} is corrupt or truncated: {e}") from e
 
 
-def _read_path(path: str | Path) -> bytes:
+def _read_path(path: str | Path, max_bytes: int | None = None) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise ProcessorError(f"image file not found: {path}")
+    max_bytes = FILE_MAX_BYTES if max_bytes is None else max_bytes
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ProcessorError(f"image file {path} is {size} bytes, more than the {max_bytes}-byte limit")
     return path.read_bytes()
 
 
-def fetch_url(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """GET an http(s) URL with a timeout and a size cap."""
+def fetch_url(url: str, timeout_s: float | None = None, max_bytes: int | None = None) -> bytes:
+    """GET an http(s) URL within a total deadline (`URL_TIMEOUT_S`) and a size cap (`URL_MAX_BYTES`).
+
+    The deadline covers the whole download: a server that drips a byte now and then is cut off.
+    Each socket wait is bounded by the deadline too, so the worst case is about twice it."""
+    timeout_s = URL_TIMEOUT_S if timeout_s is None else timeout_s
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
+    deadline = time.monotonic() + timeout_s
+    chunks, size = [], 0
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            data = response.read(max_bytes + 1)
+            while True:
+                if time.monotonic() > deadline:
+                    raise ProcessorError(f"cannot fetch {url}: not done within {timeout_s:g} s")
+                chunk = response.read1(1 << 16)  # what has arrived (at least a byte), or b"" at the end
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ProcessorError(f"{url} is larger than the {max_bytes}-byte limit")
     except OSError as e:  # URLError, HTTPError, socket timeouts are all OSError
         raise ProcessorError(f"cannot fetch {url}: {e}") from e
-    if len(data) > max_bytes:
-        raise ProcessorError(f"{url} is larger than the {max_bytes}-byte limit")
-    return data
+    return b"".join(chunks)
 
 
 def _decode_data_uri(uri: str) -> bytes:
@@ -122,7 +142,8 @@ def load_image(item: dict[str, Any]) -> Image.Image:
     """An RGB PIL image from one {"type": "image", ...} content item.
 
     Accepted keys (the first present wins): "image" (PIL image, uint8 numpy array, bytes, or a
-    path / URL string), "url" (http, https or data URI), "path", "base64".
+    path / URL string), "url" (http, https or data URI only: a service forwarding user content must
+    not have it read local files), "path", "base64".
     """
     for key in ("image", "url", "path", "base64"):
         if key in item:
@@ -144,6 +165,10 @@ def load_image(item: dict[str, Any]) -> Image.Image:
             return _open_bytes(_decode_data_uri(source), "base64 image")
         if source.startswith(("http://", "https://")):
             return _open_bytes(fetch_url(source), source)
+        if key == "url":
+            raise ProcessorError(
+                f"an image 'url' must be http(s):// or data:, got {source[:80]!r}; pass a local file as 'path'"
+            )
         return _open_bytes(_read_path(source), source)
     raise ProcessorError(f"unsupported image source of type {type(source).__name__} under key {key!r}")
 
