@@ -45,7 +45,7 @@ CHAT_HELP = """\
 Type a question and press Enter. Commands:
   /image PATH   attach an image to the next question
   /video PATH   attach a video to the next question
-  /reset        start a new conversation
+  /reset        start a new conversation (drops attached images and videos too)
   /exit         quit (or Ctrl-D)
 """
 
@@ -204,6 +204,8 @@ def chat(args) -> int:
     engine = load_engine(args)
     params, options = sampling_params(args), processor_options(args)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 becomes U+FFFD, never the end of the session
+        sys.stdin.reconfigure(errors="replace")
     if interactive:
         print(CHAT_HELP, file=sys.stderr)
     messages: list[dict] = []
@@ -222,8 +224,8 @@ def chat(args) -> int:
         if command == "/help":
             print(CHAT_HELP, file=sys.stderr)
             continue
-        if command == "/reset":
-            messages = []
+        if command == "/reset":  # a new conversation: no history, no media waiting for the next question
+            messages, pending_images, pending_video = [], [], None
             continue
         if command in ("/image", "/video"):
             path = rest.strip()
@@ -238,14 +240,16 @@ def chat(args) -> int:
                 pending_video = path
             continue
         turn = user_turn(text, pending_images, pending_video)
+        had_media = bool(pending_images or pending_video)
+        pending_images, pending_video = [], None  # the media belong to this turn, whatever happens to it
         try:
             reply = answer(engine, messages + [turn], params, options, args.stats)
-        except ValueError as e:  # a bad image or video, a prompt over the context: report, keep chatting
+        except Exception as e:  # noqa: BLE001 - a bad image, a prompt over the context...: report, keep chatting
             if args.debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        pending_images, pending_video = [], None
+            dropped = " (its image/video was dropped; add it again with /image or /video)" if had_media else ""
+            print(f"error: {describe(e)}{dropped}", file=sys.stderr)
+            continue  # the conversation stays as it was before this turn
         messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": reply.strip()}]}]
     return 0
 

@@ -103,3 +103,31 @@ def test_chat_keeps_the_conversation_and_reuses_the_cached_prefix(tiny_ckpt, ima
     assert len(stats) == 2 and " 0 from the prefix cache" in stats[0]
     cached = int(stats[1].split(",")[1].split()[0])
     assert cached > 300, f"the second turn should reuse the image's blocks: {stats[1]}"
+
+
+def test_chat_survives_a_failed_turn_a_non_utf8_line_and_reset(tiny_ckpt, engine, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    lines = [
+        f"/image {corrupt}".encode(),
+        b"What is in it?",  # fails: the image is corrupt; the turn is dropped with its image
+        b"caf\xe9 \xff is not UTF-8",  # a bad line: answered, not the end of the session
+        b"/image " + str(corrupt).encode(),
+        b"/reset",  # clears the pending image too
+        b"What is the capital of France?",
+    ]
+    out = subprocess.run([*smolvlm_command(), "chat", "--model", str(tiny_ckpt), "-n", "6"],
+                         input=b"\n".join(lines) + b"\n", capture_output=True, timeout=120)
+    stderr = out.stderr.decode(errors="replace")
+    assert out.returncode == 0, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt" in errors[0] and "dropped" in errors[0], stderr
+    answers = out.stdout.decode().split("\n")
+    # after /reset, the last question is a fresh conversation
+    fresh = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    [expected] = engine.generate([fresh], SamplingParams(max_new_tokens=6))
+    assert answers[1] == expected.text, (answers, expected.text)
+    # the non-UTF-8 line was asked (with U+FFFD for the bad bytes) after the failed turn, whose image is gone
+    bad = [{"role": "user", "content": [{"type": "text", "text": "caf\ufffd \ufffd is not UTF-8"}]}]
+    [first] = engine.generate([bad], SamplingParams(max_new_tokens=6))
+    assert answers[0] == first.text, (answers, first.text)
