@@ -11,6 +11,7 @@ until the arguments are parsed, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def load_engine(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     options = {"cpu_kernels": args.cpu_kernels}
-    if args.kv_cache_gb is not None:
+    if args.kv_cache_gb is not None:  # checked by check_flags
         options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
     return Engine.from_pretrained(
         args.model, dtype=getattr(torch, dtype_name), device=device, attention_backend=args.attention_backend, **options
@@ -145,10 +146,20 @@ def load_engine(args):
 def sampling_params(args):
     from smolvlm.engine import SamplingParams
 
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
-    )
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+        )
+    except (TypeError, ValueError) as e:  # names the field: --max-new-tokens, --temperature, --top-p, ...
+        raise CLIError(f"bad sampling flag: {e}") from None
+
+
+def check_flags(args):
+    """The flags' values, before the model loads (seconds, on CPU); returns the SamplingParams."""
+    if args.kv_cache_gb is not None and not (math.isfinite(args.kv_cache_gb) and args.kv_cache_gb > 0):
+        raise CLIError(f"--kv-cache-gb must be a positive number, got {args.kv_cache_gb}")
+    return sampling_params(args)
 
 
 def processor_options(args) -> dict:
@@ -193,16 +204,18 @@ def answer(engine, messages, params, options, show_stats: bool) -> str:
 
 def run(args) -> int:
     check_media(args.image + ([args.video] if args.video else []))
+    params = check_flags(args)
     engine = load_engine(args)
-    answer(engine, [user_turn(args.prompt, args.image, args.video)], sampling_params(args), processor_options(args), args.stats)
+    answer(engine, [user_turn(args.prompt, args.image, args.video)], params, processor_options(args), args.stats)
     return 0
 
 
 def chat(args) -> int:
     pending_images, pending_video = list(args.image), args.video
     check_media(pending_images + ([pending_video] if pending_video else []))
+    params = check_flags(args)
     engine = load_engine(args)
-    params, options = sampling_params(args), processor_options(args)
+    options = processor_options(args)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 becomes U+FFFD, never the end of the session
         sys.stdin.reconfigure(errors="replace")

@@ -131,3 +131,12 @@ def test_chat_survives_a_failed_turn_a_non_utf8_line_and_reset(tiny_ckpt, engine
     bad = [{"role": "user", "content": [{"type": "text", "text": "caf\ufffd \ufffd is not UTF-8"}]}]
     [first] = engine.generate([bad], SamplingParams(max_new_tokens=6))
     assert answers[0] == first.text, (answers, first.text)
+
+
+@pytest.mark.parametrize("flags, named", [(["-t", "nan"], "temperature"), (["--seed", str(2**70)], "seed"),
+                                          (["--kv-cache-gb", "nan"], "--kv-cache-gb"), (["--top-p", "0"], "top_p")])
+def test_bad_flags_fail_before_the_model_loads(flags, named, tmp_path):
+    # the model path does not exist: reaching the loader would print a checkpoint error instead
+    out = smolvlm("run", "--model", str(tmp_path / "no-model"), *flags, "Hello")
+    assert out.returncode == 1 and named in out.stderr and "checkpoint" not in out.stderr.lower(), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
