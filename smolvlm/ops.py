@@ -58,8 +58,6 @@ class Ops(Protocol):
 class TorchOps:
     """The reference: plain PyTorch (the functions above and linear.linear)."""
 
-    name = "torch"
-
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, weight, bias)
 
@@ -97,7 +95,6 @@ class KernelOps(TorchOps):
 
     def __init__(self, kernels: DecodeKernels):
         self.kernels = kernels
-        self.name = type(kernels).__name__
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \

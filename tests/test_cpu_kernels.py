@@ -32,7 +32,7 @@ from smolvlm.engine import Engine, SamplingParams
 from smolvlm.engine.attention import AttentionMetadata, CpuBackend, PagedAttention, TorchBackend
 from smolvlm.engine.config import EngineConfig
 from smolvlm.engine.kv_cache import KVCache
-from smolvlm.ops import TORCH_OPS, KernelOps, apply_rotary
+from smolvlm.ops import KernelOps, TorchOps, apply_rotary
 from smolvlm.processing import Processor
 from smolvlm.text import RMSNorm, RotaryEmbedding
 from smolvlm_cpu_kernels import CpuKernels, CpuKernelsUnavailable, build
@@ -606,7 +606,7 @@ def stepwise_logits(model, backend, ops, ids: list[int], block_size: int = 16) -
     return torch.cat(out)
 
 
-class RoundOnceOps(type(TORCH_OPS)):
+class RoundOnceOps(TorchOps):
     """The kernels' arithmetic contract in plain PyTorch: bf16 inputs taken exactly to fp32, fp32
     sums, each product's output rounded once to bf16. (RMSNorm and RoPE are the reference ops, whose
     roundings the kernels keep.) No PyTorch bf16 kernel runs, so it computes the same on every CPU."""

@@ -81,6 +81,7 @@ class ModelRunner:
         self.device = model.device
         self.vision_attention = vision_attention_for(backend, self.device, model.config.vision.head_dim)
         self.num_vision_calls = 0
+        self._no_image_positions = torch.empty(0, dtype=torch.int64, device=self.device)  # made once, not per step
 
     # ------------------------------------------------------------------ images
 
@@ -196,6 +197,6 @@ class ModelRunner:
                 rows.append(entry[1])
             offset += n
         if not rows:
-            return None, torch.empty(0, dtype=torch.int64, device=self.device)
+            return None, self._no_image_positions
         features = rows[0] if len(rows) == 1 else torch.cat(rows)  # (R, hidden)
         return features, torch.tensor(flat_index, dtype=torch.int64, device=self.device)
