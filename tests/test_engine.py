@@ -142,7 +142,10 @@ def alone(tiny_ckpt, conversations):
 )
 def test_mixed_batch_equals_each_alone(tiny_ckpt, conversations, alone, options):
     engine = make_engine(tiny_ckpt, **options)
-    results = engine.generate([conversations[n] for n in MIXED], SamplingParams(max_new_tokens=20))
+    # Prepared first, so all six are admitted at once (conversations with media would otherwise be
+    # admitted as their media are decoded, while the others already run).
+    prompts = [engine.prepare(conversations[n]) for n in MIXED]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=20))
     for name, result in zip(MIXED, results):
         assert result.error is None, f"{name}: {result.error}"
         assert result.token_ids == alone[name], f"{name}: {first_difference(result.token_ids, alone[name])}"

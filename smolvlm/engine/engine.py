@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import time
 import warnings
 from collections import defaultdict
@@ -54,6 +55,12 @@ from smolvlm.engine.sequence import Sequence
 from smolvlm.ops import TORCH_OPS, KernelOps, Ops
 
 GiB = 1 << 30
+MEDIA_THREADS = 4  # conversations whose media `generate` reads and decodes at once
+# The keyword options `add_request`, `stream` and `generate` pass on to `Processor.prepare`.
+PROCESSOR_OPTIONS = frozenset(
+    {"add_generation_prompt", "do_image_splitting", "image_longest_edge", "video_fps", "video_max_frames",
+     "max_prompt_tokens", "trusted"}
+)
 
 
 @dataclass
@@ -165,8 +172,16 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def prepare(self, conversation: Messages, **processor_options: Any) -> PromptInputs:
-        """Conversation -> PromptInputs through the processor (raises its ProcessorError on bad input)."""
+        """Conversation -> PromptInputs through the processor (raises its ProcessorError on bad input).
+        The prompt must leave room for one answer token: a longer one fails from its media's sizes,
+        before any pixel is decoded. Touches no engine state: any thread may call it."""
+        limit = self.max_model_len - 1
+        asked = processor_options.get("max_prompt_tokens")
+        processor_options["max_prompt_tokens"] = limit if asked is None else min(asked, limit)
         return prompt_from_conversation(self.processor, conversation, **processor_options)
+
+    def _prompt(self, prompt: PromptInputs | Messages, **processor_options: Any) -> PromptInputs:
+        return prompt if isinstance(prompt, PromptInputs) else self.prepare(prompt, **processor_options)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -186,15 +201,29 @@ class Engine:
         self, prompt: PromptInputs | Messages, params: SamplingParams = SamplingParams(), **processor_options: Any
     ) -> int:
         """Queue one request; returns its id. Raises (RequestError / ProcessorError) if it cannot be served.
-        Its outputs come from `step()`."""
+        Its outputs come from `step()`. Media are read and decoded before the engine is entered."""
+        _check_params(params)
+        prompt = self._prompt(prompt, **self._options(processor_options))
         with self._exclusive():
-            return self._add(prompt, params, None, **processor_options)
+            return self._add(prompt, params, None)
 
-    def _add(self, prompt, params: SamplingParams, owner: object | None, **processor_options: Any) -> int:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Processor options checked once, at the door: unknown names and bad values raise here."""
+        unknown = set(options) - PROCESSOR_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown processor option(s) {sorted(unknown)}; known: {sorted(PROCESSOR_OPTIONS)}")
+        if self.processor is not None:
+            overrides = {k: options[k] for k in ("do_image_splitting", "image_longest_edge", "video_fps", "video_max_frames") if k in options}
+            self.processor.config.with_overrides(**overrides)  # raises ProcessorError naming the option
+        for flag in ("add_generation_prompt", "trusted"):
+            if flag in options and not isinstance(options[flag], bool):
+                raise TypeError(f"{flag} must be True or False, got {options[flag]!r}")
+        return options
+
+    def _add(self, prompt: PromptInputs, params: SamplingParams, owner: object | None) -> int:
+        _check_params(params)
         if not isinstance(prompt, PromptInputs):
-            prompt = self.prepare(prompt, **processor_options)
+            raise TypeError(f"expected PromptInputs, got {type(prompt).__name__}")
         self._drop_stale_caches()
         request_id = self._next_id
         self._next_id += 1
@@ -378,20 +407,44 @@ class Engine:
             params = [params] * len(conversations)
         if len(params) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(params)} SamplingParams")
+        options = self._options(processor_options)
+        for p in params:
+            _check_params(p)
         with self._exclusive():
             owner = object()  # this call
             results: list[GenerationResult | None] = [None] * len(conversations)
-            ids: dict[int, int] = {}
+            ids: dict[int, int] = {}  # request id -> index
+            preparing: dict[Future, int] = {}  # media being read and decoded -> index
+            pool = None
+
+            def admit(index: int, prepare) -> None:
+                try:
+                    ids[self._add(prepare(), params[index], owner)] = index
+                except Exception as e:  # noqa: BLE001 - a bad conversation fails alone
+                    # ProcessorError and RequestError are ValueErrors with full messages; name anything else
+                    reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+                    if not reason.startswith(f"conversation {index}:"):  # the processor names it already
+                        reason = f"conversation {index}: {reason}"
+                    results[index] = GenerationResult(-1, "", [], "error", error=reason)
+
             try:
-                for index, (conversation, p) in enumerate(zip(conversations, params)):
-                    try:
-                        ids[self._add(conversation, p, owner, **processor_options)] = index
-                    except Exception as e:  # noqa: BLE001 - a bad conversation fails alone
-                        # ProcessorError and RequestError are ValueErrors with full messages; name anything else
-                        reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-                        results[index] = GenerationResult(-1, "", [], "error", error=f"conversation {index}: {reason}")
+                with_media = [i for i, c in enumerate(conversations) if _has_media(c)]
+                if len(with_media) > 1:  # read and decode media beside the model steps: a slow URL stalls no one
+                    pool = ThreadPoolExecutor(min(MEDIA_THREADS, len(with_media)), thread_name_prefix="smolvlm-media")
+                    preparing = {pool.submit(self._prompt, conversations[i], index=i, **options): i for i in with_media}
+                in_pool = set(preparing.values())
+                for index, conversation in enumerate(conversations):
+                    if index not in in_pool:
+                        admit(index, lambda c=conversation, i=index: self._prompt(c, index=i, **options))
                 waiting = set(ids)
-                while waiting:
+                while waiting or preparing:
+                    if preparing:
+                        done, _ = wait(preparing, timeout=None if not waiting else 0, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            index = preparing.pop(future)
+                            before = set(ids)
+                            admit(index, future.result)
+                            waiting |= set(ids) - before
                     for rid in list(waiting):
                         for out in self._take(rid):
                             if out.result is not None:
@@ -400,6 +453,8 @@ class Engine:
                     if waiting:
                         self._advance()
             finally:
+                if pool is not None:  # after an exception: media still being read are not waited for
+                    pool.shutdown(wait=False, cancel_futures=True)
                 for rid in ids:  # normally all finished; after an exception, abort what is left
                     self._abort(rid)
         return results  # type: ignore[return-value]
@@ -409,9 +464,11 @@ class Engine:
     ) -> "Stream":
         """One request, its answer text piece by piece: `for piece in engine.stream(...)`. The request is
         queued now (a bad one raises here); afterwards the stream's `.result` is its GenerationResult."""
+        _check_params(params)
+        prompt = self._prompt(conversation, **self._options(processor_options))
         with self._exclusive():
             stream = Stream(self)
-            stream.request_id = self._add(conversation, params, stream.owner, **processor_options)
+            stream.request_id = self._add(prompt, params, stream.owner)
         return stream
 
 
@@ -464,6 +521,24 @@ class Stream:
     def __del__(self) -> None:  # a stream dropped unfinished must not keep its request queued
         if self.result is None and self.request_id in self.engine.requests:
             self.close()
+
+
+def _check_params(params: object) -> None:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+
+
+def _has_media(conversation: object) -> bool:
+    """Whether a conversation names an image or a video (then its preparation may read files or URLs)."""
+    if not isinstance(conversation, list):
+        return False
+    for message in conversation:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(item, dict) and item.get("type") in ("image", "image_url", "video") for item in content
+        ):
+            return True
+    return False
 
 
 def _load_cpu_kernels(choice: str, device: torch.device):

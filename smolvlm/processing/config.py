@@ -17,6 +17,7 @@ SmolVLM v1 (364 px tiles, 169 tokens) and silently give wrong prompts for SmolVL
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ class ProcessorConfig:
         video_fps: float | None = None,
         video_max_frames: int | None = None,
     ) -> ProcessorConfig:
-        """The per-call overrides users ask for; None keeps the checkpoint's value."""
+        """The per-call overrides users ask for; None keeps the checkpoint's value. Each is checked
+        here (type, range, NaN), never clamped: a bad value raises naming the option."""
+        _check_override("do_image_splitting", do_image_splitting, bool)
+        _check_override("image_longest_edge", image_longest_edge, int)
+        _check_override("video_fps", video_fps, float)
+        _check_override("video_max_frames", video_max_frames, int)
         image = self.image
         if do_image_splitting is not None:
             image = replace(image, do_image_splitting=do_image_splitting)
@@ -108,6 +114,23 @@ class ProcessorConfig:
                 max_frames=video.max_frames if video_max_frames is None else video_max_frames,
             )
         return replace(self, image=image, video=video)
+
+
+def _check_override(name: str, value: Any, kind: type) -> None:
+    """None, or a value of `kind` (ints accepted as floats; bools are not numbers here), positive and finite."""
+    if value is None:
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ProcessorError(f"{name} must be True or False, got {value!r}")
+        return
+    numeric = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise ProcessorError(f"{name} must be {'a number' if kind is float else 'an int'}, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ProcessorError(f"{name} must be positive and finite, got {value!r}")
+    if kind is int and value > 1_000_000:
+        raise ProcessorError(f"{name} must be at most 1000000, got {value!r}")
 
 
 def read_json(path: Path) -> dict[str, Any]:

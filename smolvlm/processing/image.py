@@ -47,18 +47,66 @@ class ImageTiles:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_bytes(data: bytes, name: str) -> Image.Image:
-    """transformers' `load_image`: open, apply the EXIF orientation, convert("RGB") (alpha dropped)."""
+class OpenedImage:
+    """An image source opened as far as its size, not decoded: the tile grid (and so the prompt's
+    token count) is known before any pixel is made. `rgb()` decodes it."""
+
+    def __init__(self, source: Image.Image | np.ndarray, name: str, from_file: bool):
+        self.source = source  # a lazily opened PIL image (header read), a PIL image given, or a uint8 array
+        self.name = name
+        self.from_file = from_file  # bytes from a file, URL or base64: transformers' load_image path
+        self.opaque = False  # an untrusted caller's local file: every failure reads "cannot open"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) as the model will see it (EXIF orientation applied to files)."""
+        if isinstance(self.source, np.ndarray):
+            return _array_hw(self.source)
+        width, height = self.source.size
+        if self.from_file and _exif_orientation(self.source) in (5, 6, 7, 8):  # a quarter turn
+            width, height = height, width
+        return height, width
+
+    def rgb(self) -> Image.Image:
+        try:
+            return self._rgb()
+        except ProcessorError:
+            if not self.opaque:
+                raise
+            raise ProcessorError(f"cannot open image file {self.name[:200]!r}") from None
+
+    def _rgb(self) -> Image.Image:
+        if isinstance(self.source, np.ndarray):
+            return _rgb_from_array(self.source)
+        if not self.from_file:
+            return _rgb_from_pil(self.source)
+        try:
+            image = self.source
+            image.load()  # decode now so truncated files fail here, with the name attached
+            image = ImageOps.exif_transpose(image)  # transformers' load_image: orientation, then RGB
+            return image.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise ProcessorError(f"{self.name} is too large to decode safely: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated or corrupt data this way
+            raise ProcessorError(f"{self.name} is corrupt or truncated: {e}") from e
+
+
+def _exif_orientation(image: Image.Image) -> int:
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now so truncated files fail here, with the name attached
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: `rgb()` decides, the size is a first guess
+        return 1
+
+
+def _open_bytes(data: bytes, name: str) -> OpenedImage:
+    """Read the header only (format, size, EXIF); the pixels are decoded by `OpenedImage.rgb`."""
+    try:
+        return OpenedImage(Image.open(io.BytesIO(data)), name, from_file=True)
     except UnidentifiedImageError as e:
         raise ProcessorError(f"{name} is not a readable image file") from e
     except Image.DecompressionBombError as e:
         raise ProcessorError(f"{name} is too large to decode safely: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated or corrupt data this way
+    except (OSError, SyntaxError, ValueError) as e:
         raise ProcessorError(f"{name} is corrupt or truncated: {e}") from e
 
 
@@ -67,10 +115,13 @@ def _read_path(path: str | Path, max_bytes: int | None = None) -> bytes:
     if not path.is_file():
         raise ProcessorError(f"image file not found: {path}")
     max_bytes = FILE_MAX_BYTES if max_bytes is None else max_bytes
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ProcessorError(f"image file {path} is {size} bytes, more than the {max_bytes}-byte limit")
-    return path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ProcessorError(f"image file {path} is {size} bytes, more than the {max_bytes}-byte limit")
+        return path.read_bytes()
+    except OSError as e:  # permissions, a file removed meanwhile
+        raise ProcessorError(f"cannot read image file {path}: {e.strerror or e}") from e
 
 
 def fetch_url(url: str, timeout_s: float | None = None, max_bytes: int | None = None) -> bytes:
@@ -117,8 +168,9 @@ def _rgb_from_pil(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _rgb_from_array(array: np.ndarray) -> Image.Image:
-    """transformers' `convert_to_rgb` for uint8 numpy inputs: (H, W), (H, W, C) or (C, H, W), C in 1, 3, 4."""
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    """transformers' `convert_to_rgb` input rule for uint8 numpy images: (H, W), (H, W, C) or
+    (C, H, W), C in 1, 3, 4 -> (H, W, C)."""
     if array.dtype != np.uint8:
         raise ProcessorError(f"numpy images must be uint8 in [0, 255], got dtype {array.dtype}")
     if array.ndim == 2:
@@ -129,6 +181,18 @@ def _rgb_from_array(array: np.ndarray) -> Image.Image:
         array = array.transpose(1, 2, 0)
     elif array.shape[2] not in (1, 3, 4):
         raise ProcessorError(f"numpy image has no channel axis of size 1, 3 or 4: shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ProcessorError(f"numpy image is empty: shape {array.shape}")
+    return array
+
+
+def _array_hw(array: np.ndarray) -> tuple[int, int]:
+    height, width, _ = _channels_last(array).shape
+    return height, width
+
+
+def _rgb_from_array(array: np.ndarray) -> Image.Image:
+    array = _channels_last(array)
     channels = array.shape[2]
     if channels == 1:
         array = np.repeat(array, 3, axis=2)
@@ -138,12 +202,14 @@ def _rgb_from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def load_image(item: dict[str, Any]) -> Image.Image:
-    """An RGB PIL image from one {"type": "image", ...} content item.
+def open_image(item: dict[str, Any], trusted: bool = True) -> OpenedImage:
+    """One {"type": "image", ...} content item, opened as far as its size (see `OpenedImage`).
 
     Accepted keys (the first present wins): "image" (PIL image, uint8 numpy array, bytes, or a
     path / URL string), "url" (http, https or data URI only: a service forwarding user content must
-    not have it read local files), "path", "base64".
+    not have it read local files), "path", "base64". With `trusted=False` (a caller who must not
+    learn about this machine's files) every failure to read a local file gives the same message:
+    a missing file and an unreadable one look alike.
     """
     for key in ("image", "url", "path", "base64"):
         if key in item:
@@ -153,24 +219,39 @@ def load_image(item: dict[str, Any]) -> Image.Image:
         raise ProcessorError(f"image item has none of the keys image/url/path/base64: {sorted(item)}")
 
     if isinstance(source, Image.Image):
-        return _rgb_from_pil(source)
+        if source.width == 0 or source.height == 0:
+            raise ProcessorError(f"PIL image is empty: size {source.size}")
+        return OpenedImage(source, "PIL image", from_file=False)
     if isinstance(source, np.ndarray):
-        return _rgb_from_array(source)
+        _channels_last(source)  # checked now, converted by rgb()
+        return OpenedImage(source, "numpy image", from_file=False)
     if isinstance(source, (bytes, bytearray)):
         return _open_bytes(bytes(source), f"image bytes ({len(source)} bytes)")
-    if isinstance(source, Path):
-        return _open_bytes(_read_path(source), str(source))
-    if isinstance(source, str):
-        if key == "base64" or source.startswith("data:"):
-            return _open_bytes(_decode_data_uri(source), "base64 image")
-        if source.startswith(("http://", "https://")):
-            return _open_bytes(fetch_url(source), source)
-        if key == "url":
-            raise ProcessorError(
-                f"an image 'url' must be http(s):// or data:, got {source[:80]!r}; pass a local file as 'path'"
-            )
-        return _open_bytes(_read_path(source), source)
+    if isinstance(source, str) and (key == "base64" or source.startswith("data:")):
+        return _open_bytes(_decode_data_uri(source), "base64 image")
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return _open_bytes(fetch_url(source), source)
+    if isinstance(source, str) and key == "url":
+        raise ProcessorError(f"an image 'url' must be http(s):// or data:, got {source[:80]!r}; pass a local file as 'path'")
+    if isinstance(source, (str, Path)):
+        return _open_local(source, trusted)
     raise ProcessorError(f"unsupported image source of type {type(source).__name__} under key {key!r}")
+
+
+def _open_local(path: str | Path, trusted: bool) -> OpenedImage:
+    if trusted:
+        return _open_bytes(_read_path(path), str(path))
+    try:
+        opened = _open_bytes(_read_path(path), str(path))
+    except ProcessorError:
+        raise ProcessorError(f"cannot open image file {str(path)[:200]!r}") from None
+    opened.opaque = True
+    return opened
+
+
+def load_image(item: dict[str, Any], trusted: bool = True) -> Image.Image:
+    """An RGB PIL image from one content item (`open_image`, then decoded)."""
+    return open_image(item, trusted).rgb()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +301,23 @@ def _chw(image: Image.Image) -> np.ndarray:
     return np.array(image).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a writable copy
 
 
+def tile_grid(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:
+    """(rows, cols) of the split an image of this size gets, (0, 0) when unsplit: the arithmetic
+    of `split_image` without pixels, so a prompt's length is known before any image is decoded."""
+    height, width = resize_to_longest_edge(height, width, settings.longest_edge)
+    if not settings.do_image_splitting:
+        return 0, 0
+    tile = settings.tile_size
+    height, width = resize_to_tile_multiple(height, width, tile)
+    if height <= tile and width <= tile:
+        return 0, 0
+    return (height - tile) // tile + 1, (width - tile) // tile + 1
+
+
 def split_image(image: Image.Image, settings: ImageSettings) -> ImageTiles:
     """Resize and cut one RGB image into tiles (`SmolVLMImageProcessorPil._preprocess` for one image)."""
     tile, resample = settings.tile_size, settings.resample
+    rows, cols = tile_grid(image.height, image.width, settings)
     height, width = resize_to_longest_edge(image.height, image.width, settings.longest_edge)
     image = _resize(image, height, width, resample)
 
@@ -231,11 +326,9 @@ def split_image(image: Image.Image, settings: ImageSettings) -> ImageTiles:
 
     height, width = resize_to_tile_multiple(height, width, tile)
     image = _resize(image, height, width, resample)
-    if height <= tile and width <= tile:
+    if rows == 0:
         return ImageTiles(tiles=_chw(image)[None], rows=0, cols=0)
 
-    rows = (height - tile) // tile + 1
-    cols = (width - tile) // tile + 1
     pixels = _chw(image)  # (3, rows * tile, cols * tile)
     tiles = [pixels[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows) for c in range(cols)]
     tiles.append(_chw(_resize(image, tile, tile, resample)))  # the global view, last

@@ -39,11 +39,11 @@ import torch
 from smolvlm.processing import chat_template
 from smolvlm.processing.config import ProcessorConfig, load_processor_config
 from smolvlm.processing.errors import ProcessorError
-from smolvlm.processing.image import load_image, split_image
+from smolvlm.processing.image import open_image, split_image, tile_grid
 from smolvlm.processing.pixels import image_normalization, pad_batch, tiles_sha256, video_normalization
 from smolvlm.processing.prompt import expand_placeholders, image_prompt, video_prompt
 from smolvlm.processing.tokenizer import Tokenizer
-from smolvlm.processing.video import duration_text, load_video, resize_frames, timestamp_texts
+from smolvlm.processing.video import duration_text, probe_video, read_frames, resize_frames, timestamp_texts
 
 # What `from_pretrained` downloads for a hub repo id (nothing else: no weights).
 PROCESSOR_FILES = [
@@ -70,6 +70,7 @@ class MediaItem:
     rows: int = 0  # image split grid, 0 x 0 when unsplit
     cols: int = 0
     timestamps: list[str] = field(default_factory=list)  # video: MM:SS per sampled frame
+    duration: str = ""  # video: H:MM:SS of the whole source
 
 
 @dataclass
@@ -173,9 +174,19 @@ class Processor:
         video_fps: float | None = None,
         video_max_frames: int | None = None,
         index: int = 0,
+        max_prompt_tokens: int | None = None,
+        trusted: bool = True,
     ) -> ProcessedConversation:
-        """Everything for one conversation; the keyword overrides apply to this call only."""
+        """Everything for one conversation; the keyword overrides apply to this call only.
+
+        Cheap checks come first: the prompt's length is known from the media's sizes (image headers,
+        video containers) before any pixel is decoded, so a prompt over the context (or over
+        `max_prompt_tokens`, e.g. an engine's limit) fails in milliseconds whatever its media.
+        `trusted=False` (a caller who must not learn about this machine's files): reading a local
+        file fails with one message whatever the reason, so a missing file and an unreadable one
+        look the same."""
         config = self.config.with_overrides(do_image_splitting, image_longest_edge, video_fps, video_max_frames)
+        limit = _prompt_limit(config.context_length, max_prompt_tokens)
         tokens = config.tokens
         messages = _content_items(messages, index)
         text = self.render(messages, add_generation_prompt, index)
@@ -189,55 +200,86 @@ class Processor:
                 f"{text.count(tokens.video)} {tokens.video} placeholders but the messages hold {n_images} "
                 f"images and {n_videos} videos (is there a literal {tokens.image} in a text item?)"
             )
-
-        image_texts, video_texts, tiles, media = [], [], [], []
-        for item in media_items:
-            process = self._process_image if item["type"] == "image" else self._process_video
-            expansion, uint8_tiles, info = process(item, config)
-            (image_texts if info.kind == "image" else video_texts).append(expansion)
-            media.append(info)
+        # 1. Before opening anything: each image or video is at least one tile of image_seq_len tokens.
+        at_least = len(media_items) * config.image_seq_len
+        if limit is not None and at_least > limit[0]:
+            raise ProcessorError(
+                f"conversation {index}: {len(media_items)} images and videos need at least {at_least} tokens "
+                f"({config.image_seq_len} each), longer than {limit[1]}"
+            )
+        # 2. Sizes only (headers, containers): the exact prompt, no pixels yet.
+        opened = [self._open(item, config, trusted) for item in media_items]
+        input_ids, prompt = self._encode(text, [media for media, _ in opened], config)
+        self._check_length(input_ids, limit, index)
+        # 3. Pixels.
+        tiles, media = [], []
+        for planned, decode in opened:
+            uint8_tiles, info = decode()
             tiles.append(uint8_tiles)
-
-        prompt = expand_placeholders(text, tokens, iter(image_texts), iter(video_texts))
-        # transformers: no special tokens added when the prompt already starts with the BOS token
-        bos = self.tokenizer.bos_token
-        input_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-        self._check_tokens(input_ids, media, config, index)
+            media.append(info)
+        if any(info.num_tiles != plan.num_tiles or (info.rows, info.cols) != (plan.rows, plan.cols)
+               for info, (plan, _) in zip(media, opened)):  # EXIF stored after the pixels turned an image
+            input_ids, prompt = self._encode(text, media, config)
+            self._check_length(input_ids, limit, index)
+        self._check_image_tokens(input_ids, media, config, index)
         if len({t.shape[2:] for t in tiles}) > 1:
             raise ProcessorError(f"conversation {index}: image tiles and video frames have different sizes")
         pixel_values = (tiles[0] if len(tiles) == 1 else torch.cat(tiles)) if tiles else None
         return ProcessedConversation(input_ids=input_ids, prompt=prompt, pixel_values=pixel_values, media=media)
 
-    def _process_image(self, item: dict, config: ProcessorConfig) -> tuple[str, torch.Tensor, MediaItem]:
-        """One image item -> (its prompt expansion, (N, 3, tile, tile) float32 tiles, MediaItem)."""
-        split = split_image(load_image(item), config.image)
+    def _encode(self, text: str, media: list[MediaItem], config: ProcessorConfig) -> tuple[list[int], str]:
+        """The rendered text with every placeholder expanded for its media item -> (input_ids, prompt)."""
+        tokens = config.tokens
+        expansions = {"image": [], "video": []}
+        for m in media:
+            if m.kind == "image":
+                expansions["image"].append(image_prompt(m.rows, m.cols, config.image_seq_len, tokens))
+            else:
+                expansions["video"].append(video_prompt(m.timestamps, m.duration, config.image_seq_len, tokens))
+        prompt = expand_placeholders(text, tokens, iter(expansions["image"]), iter(expansions["video"]))
+        # transformers: no special tokens added when the prompt already starts with the BOS token
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))), prompt
+
+    def _open(self, item: dict, config: ProcessorConfig, trusted: bool):
+        """One media item opened as far as its size -> (its MediaItem without a hash yet, a function
+        that decodes it to ((N, 3, H, W) float32 tiles, final MediaItem))."""
+        if item["type"] == "image":
+            image = open_image(item, trusted)
+            rows, cols = tile_grid(*image.size, config.image)
+            plan = MediaItem("image", "", rows * cols + 1 if rows else 1, rows, cols)
+            return plan, lambda: self._image_pixels(image, config)
+        if config.video is None:
+            raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
+        source = next(item[k] for k in ("video", "path", "url") if k in item)
+        probe = probe_video(source, config.video, backend=self.video_backend, trusted=trusted)
+        stamps = timestamp_texts(probe)
+        plan = MediaItem("video", "", len(stamps), timestamps=stamps, duration=duration_text(probe))
+        return plan, lambda: self._video_pixels(probe, plan, config, trusted)
+
+    def _image_pixels(self, image, config: ProcessorConfig) -> tuple[torch.Tensor, MediaItem]:
+        split = split_image(image.rgb(), config.image)
         s = config.image
         norm = image_normalization(s.do_rescale, s.rescale_factor, s.do_normalize, s.image_mean, s.image_std)
         uint8_tiles = torch.from_numpy(split.tiles)  # (N, 3, tile, tile)
         info = MediaItem("image", tiles_sha256(uint8_tiles, norm), len(uint8_tiles), split.rows, split.cols)
-        expansion = image_prompt(split.rows, split.cols, config.image_seq_len, config.tokens)
-        return expansion, norm.apply(uint8_tiles), info
+        return norm.apply(uint8_tiles), info
 
-    def _process_video(self, item: dict, config: ProcessorConfig) -> tuple[str, torch.Tensor, MediaItem]:
-        """One video item -> (its prompt expansion, (T, 3, S, S) float32 frames, MediaItem)."""
-        if config.video is None:
-            raise ProcessorError("this checkpoint's preprocessor_config.json has no video settings")
+    def _video_pixels(self, probe, plan: MediaItem, config: ProcessorConfig, trusted: bool) -> tuple[torch.Tensor, MediaItem]:
         v = config.video
-        clip = load_video(next(item[k] for k in ("video", "path", "url") if k in item), v, backend=self.video_backend)
-        frames = resize_frames(clip.frames, v)  # (T, 3, S, S) uint8
+        frames = resize_frames(read_frames(probe, trusted).frames, v)  # (T, 3, S, S) uint8
         norm = video_normalization(v.do_rescale, v.rescale_factor, v.do_normalize, v.image_mean, v.image_std)
-        stamps = timestamp_texts(clip)
-        info = MediaItem("video", tiles_sha256(frames, norm), len(frames), timestamps=stamps)
-        expansion = video_prompt(stamps, duration_text(clip), config.image_seq_len, config.tokens)
-        return expansion, norm.apply(frames), info
+        info = MediaItem("video", tiles_sha256(frames, norm), len(frames), timestamps=plan.timestamps, duration=plan.duration)
+        return norm.apply(frames), info
 
-    def _check_tokens(self, input_ids: list[int], media: list[MediaItem], config: ProcessorConfig, index: int) -> None:
-        if config.context_length is not None and len(input_ids) > config.context_length:
+    def _check_length(self, input_ids: list[int], limit: tuple[int, str] | None, index: int) -> None:
+        if limit is not None and len(input_ids) > limit[0]:
             raise ProcessorError(
-                f"conversation {index}: the prompt is {len(input_ids)} tokens, longer than the model's context "
-                f"of {config.context_length} (use fewer or smaller images: do_image_splitting=False, "
-                "image_longest_edge, video_max_frames)"
+                f"conversation {index}: the prompt is {len(input_ids)} tokens, longer than {limit[1]} "
+                "(use fewer or smaller images: do_image_splitting=False, image_longest_edge, video_max_frames)"
             )
+
+    def _check_image_tokens(self, input_ids: list[int], media: list[MediaItem], config: ProcessorConfig, index: int) -> None:
         expected = sum(m.num_tiles for m in media) * config.image_seq_len
         found = input_ids.count(self.image_token_id)
         if found != expected:  # a user text holding image markers, or a tokenizer that splits <image>
@@ -303,6 +345,17 @@ class Processor:
 
     def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+
+def _prompt_limit(context_length: int | None, max_prompt_tokens: int | None) -> tuple[int, str] | None:
+    """The tighter of the model's context and the caller's limit, with words for it."""
+    if max_prompt_tokens is not None and (type(max_prompt_tokens) is not int or max_prompt_tokens < 1):
+        raise ProcessorError(f"max_prompt_tokens must be a positive int, got {max_prompt_tokens!r}")
+    if max_prompt_tokens is not None and (context_length is None or max_prompt_tokens < context_length):
+        return max_prompt_tokens, (
+            f"the prompt limit of {max_prompt_tokens} tokens (max_prompt_tokens: an engine's context less one token for the answer)"
+        )
+    return None if context_length is None else (context_length, f"the model's context of {context_length}")
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -19,6 +19,7 @@ Decoders: decord when importable (what transformers' decord backend uses), else 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,11 +35,16 @@ TORCH_RESIZE_MODES = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
 @dataclass
-class VideoClip:
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, the sampled frames only
-    frame_indices: list[int]  # index in the source of each sampled frame
+class VideoProbe:
+    """What a video's container says, and the frames that will be sampled: enough for the prompt
+    (frame count, timestamps, duration) before any frame is decoded."""
+
+    path: str
+    backend: str  # "decord" or "pyav"
+    frame_indices: list[int]  # index in the source of each frame to sample
     source_fps: float
     total_frames: int
+    reader: object | None = None  # decord's open VideoReader, reused by `read_frames`
 
     @property
     def duration(self) -> float:
@@ -47,6 +53,11 @@ class VideoClip:
     @property
     def timestamps(self) -> list[float]:
         return [i / self.source_fps for i in self.frame_indices]
+
+
+@dataclass
+class VideoClip(VideoProbe):
+    frames: np.ndarray | None = None  # (T, H, W, 3) uint8 RGB, the sampled frames only
 
 
 def sample_frame_indices(
@@ -78,7 +89,7 @@ def _decord_available() -> bool:
     return True
 
 
-def _decode_decord(path: str, settings: VideoSettings) -> VideoClip:
+def _probe_decord(path: str, settings: VideoSettings) -> VideoProbe:
     import decord
 
     try:
@@ -86,17 +97,20 @@ def _decode_decord(path: str, settings: VideoSettings) -> VideoClip:
     except Exception as e:  # decord raises DECORDError (a RuntimeError subclass) or bare errors
         raise ProcessorError(f"cannot read video {path}: {e}") from e
     total, source_fps = len(reader), float(reader.get_avg_fps())
-    if total == 0 or not source_fps:
+    if total == 0 or not source_fps or not math.isfinite(source_fps):
         raise ProcessorError(f"video {path} has no frames (frames={total}, fps={source_fps})")
     indices = sample_frame_indices(total, source_fps, settings.fps, settings.max_frames, settings.skip_secs)
+    return VideoProbe(path, "decord", indices, source_fps, total, reader)
+
+
+def _read_decord(probe: VideoProbe) -> np.ndarray:
     try:
-        frames = reader.get_batch(indices).asnumpy()
+        return probe.reader.get_batch(probe.frame_indices).asnumpy()
     except Exception as e:
-        raise ProcessorError(f"cannot decode frames {indices[:4]}... of video {path}: {e}") from e
-    return VideoClip(frames=frames, frame_indices=indices, source_fps=source_fps, total_frames=total)
+        raise ProcessorError(f"cannot decode frames {probe.frame_indices[:4]}... of video {probe.path}: {e}") from e
 
 
-def _decode_pyav(path: str, settings: VideoSettings) -> VideoClip:
+def _probe_pyav(path: str, settings: VideoSettings) -> VideoProbe:
     import av
 
     try:
@@ -106,42 +120,72 @@ def _decode_pyav(path: str, settings: VideoSettings) -> VideoClip:
             stream = container.streams.video[0]
             source_fps = float(stream.average_rate or 0)
             total = stream.frames or sum(1 for _ in container.demux(stream) if _.size)  # header count, else packets
-        if total == 0 or not source_fps:
-            raise ProcessorError(f"video {path} has no frames (frames={total}, fps={source_fps})")
-        indices = sample_frame_indices(total, source_fps, settings.fps, settings.max_frames, settings.skip_secs)
-        wanted, frames = set(indices), {}
+    except ProcessorError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise ProcessorError(f"cannot read video {path}: {e}") from e
+    if total == 0 or not source_fps or not math.isfinite(source_fps):
+        raise ProcessorError(f"video {path} has no frames (frames={total}, fps={source_fps})")
+    indices = sample_frame_indices(total, source_fps, settings.fps, settings.max_frames, settings.skip_secs)
+    return VideoProbe(path, "pyav", indices, source_fps, total)
+
+
+def _read_pyav(probe: VideoProbe) -> np.ndarray:
+    import av
+
+    indices, path = probe.frame_indices, probe.path
+    wanted, frames = set(indices), {}
+    try:
         with av.open(path) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
                     frames[i] = frame.to_ndarray(format="rgb24")
                 if i >= indices[-1]:
                     break
-    except ProcessorError:
-        raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise ProcessorError(f"cannot read video {path}: {e}") from e
     missing = [i for i in indices if i not in frames]
     if missing:
-        raise ProcessorError(f"video {path} ended before frames {missing[:4]} (header said {total} frames)")
-    return VideoClip(np.stack([frames[i] for i in indices]), indices, source_fps, total)
+        raise ProcessorError(f"video {path} ended before frames {missing[:4]} (header said {probe.total_frames} frames)")
+    return np.stack([frames[i] for i in indices])
 
 
-def load_video(path: str | Path, settings: VideoSettings, backend: str = "auto") -> VideoClip:
-    """Decode the frames `settings` asks for. backend: "decord", "pyav" or "auto" (decord if installed)."""
+def probe_video(path: str | Path, settings: VideoSettings, backend: str = "auto", trusted: bool = True) -> VideoProbe:
+    """Open a video and choose its frames, decoding none. backend: "decord", "pyav" or "auto"
+    (decord if installed). With `trusted=False`, a missing and an unreadable file give the same error."""
     if settings.fps is None or settings.max_frames is None:
         raise ProcessorError("this checkpoint has no video_sampling.fps / max_frames; pass video_fps and video_max_frames")
     if not isinstance(path, (str, Path)):
         raise ProcessorError(f"a video must be given as a file path, got {type(path).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        raise ProcessorError(f"video file not found: {path}")
     if backend == "auto":
         backend = "decord" if _decord_available() else "pyav"
-    if backend == "decord":
-        return _decode_decord(str(path), settings)
-    if backend == "pyav":
-        return _decode_pyav(str(path), settings)
-    raise ProcessorError(f"unknown video backend {backend!r} (decord, pyav or auto)")
+    if backend not in ("decord", "pyav"):
+        raise ProcessorError(f"unknown video backend {backend!r} (decord, pyav or auto)")
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ProcessorError(f"video file not found: {path}")
+        return (_probe_decord if backend == "decord" else _probe_pyav)(str(path), settings)
+    except ProcessorError:
+        if trusted:
+            raise
+        raise ProcessorError(f"cannot open video file {str(path)[:200]!r}") from None
+
+
+def read_frames(probe: VideoProbe, trusted: bool = True) -> VideoClip:
+    """Decode the frames a probe chose."""
+    try:
+        frames = (_read_decord if probe.backend == "decord" else _read_pyav)(probe)
+    except ProcessorError:
+        if trusted:
+            raise
+        raise ProcessorError(f"cannot open video file {probe.path[:200]!r}") from None
+    return VideoClip(probe.path, probe.backend, probe.frame_indices, probe.source_fps, probe.total_frames, None, frames)
+
+
+def load_video(path: str | Path, settings: VideoSettings, backend: str = "auto") -> VideoClip:
+    """Decode the frames `settings` asks for (`probe_video`, then `read_frames`)."""
+    return read_frames(probe_video(path, settings, backend))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,11 +236,11 @@ def resize_frames(frames: np.ndarray, settings: VideoSettings) -> torch.Tensor:
     return _resize_frames(video, settings.frame_size, settings.frame_size, settings.resample)
 
 
-def duration_text(clip: VideoClip) -> str:
+def duration_text(clip: VideoProbe) -> str:
     """H:MM:SS of the whole source video, as transformers prints it."""
     return str(timedelta(seconds=int(clip.duration)))
 
 
-def timestamp_texts(clip: VideoClip) -> list[str]:
+def timestamp_texts(clip: VideoProbe) -> list[str]:
     """MM:SS of each sampled frame."""
     return [f"{int(t // 60):02d}:{int(t % 60):02d}" for t in clip.timestamps]
