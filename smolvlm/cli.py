@@ -159,6 +159,10 @@ def check_flags(args):
     """The flags' values, before the model loads (seconds, on CPU); returns the SamplingParams."""
     if args.kv_cache_gb is not None and not (math.isfinite(args.kv_cache_gb) and args.kv_cache_gb > 0):
         raise CLIError(f"--kv-cache-gb must be a positive number, got {args.kv_cache_gb}")
+    if args.video_fps is not None and not (math.isfinite(args.video_fps) and args.video_fps > 0):
+        raise CLIError(f"--video-fps must be a positive number, got {args.video_fps}")
+    if args.video_max_frames is not None and args.video_max_frames < 1:
+        raise CLIError(f"--video-max-frames must be at least 1, got {args.video_max_frames}")
     return sampling_params(args)
 
 

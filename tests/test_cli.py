@@ -134,7 +134,9 @@ def test_chat_survives_a_failed_turn_a_non_utf8_line_and_reset(tiny_ckpt, engine
 
 
 @pytest.mark.parametrize("flags, named", [(["-t", "nan"], "temperature"), (["--seed", str(2**70)], "seed"),
-                                          (["--kv-cache-gb", "nan"], "--kv-cache-gb"), (["--top-p", "0"], "top_p")])
+                                          (["--kv-cache-gb", "nan"], "--kv-cache-gb"), (["--top-p", "0"], "top_p"),
+                                          (["--video-fps", "-1"], "--video-fps"), (["--video-fps", "nan"], "--video-fps"),
+                                          (["--video-max-frames", "0"], "--video-max-frames")])
 def test_bad_flags_fail_before_the_model_loads(flags, named, tmp_path):
     # the model path does not exist: reaching the loader would print a checkpoint error instead
     out = smolvlm("run", "--model", str(tmp_path / "no-model"), *flags, "Hello")

@@ -107,6 +107,11 @@ class TorchBackend:
         v = v_cache[table].flatten(1, 2)
         key_pos = torch.arange(k.shape[1], device=q.device)
         visible = key_pos[None, :] < metadata.seq_lens[:b, None]  # (B, M*bs)
+        # The slots past each sequence's end hold whatever their block last held; zero them in these
+        # copies, or a NaN there (left by a failed request) would give `0 * NaN = NaN` in the sum.
+        hidden = ~visible[:, :, None, None]  # (B, M*bs, 1, 1)
+        k.masked_fill_(hidden, 0)
+        v.masked_fill_(hidden, 0)
         out = scaled_dot_product_attention(
             q[:, :, None, :],  # (B, Hq, 1, D)
             k.transpose(1, 2),  # (B, Hkv, M*bs, D)

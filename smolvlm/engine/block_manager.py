@@ -103,20 +103,29 @@ class BlockManager:
             seq.block_table.append(self._take_fresh())
         return True
 
-    def free_sequence(self, seq: Sequence) -> None:
-        """Drop `seq`'s hold on its blocks (reverse order: its last blocks are evicted first)."""
+    def free_sequence(self, seq: Sequence, discard: bool = False) -> list[int]:
+        """Drop `seq`'s hold on its blocks (reverse order: its last blocks are evicted first); returns
+        the blocks that became free. `discard`: their K/V is not to be trusted (the sequence failed with
+        non-finite values), so they leave the prefix cache; the caller scrubs their slots."""
+        freed = []
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             if block.ref_count <= 0:
                 raise BlockPoolError(f"block {block_id} of sequence {seq.seq_id} freed twice")
             block.ref_count -= 1
             if block.ref_count == 0:
+                freed.append(block_id)
                 self.free[block_id] = None
+                if discard and block.hash is not None:
+                    if self.hash_to_block.get(block.hash) == block_id:
+                        del self.hash_to_block[block.hash]
+                    block.hash = block.token_ids = None
                 if block.hash is None:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
+        return freed
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that became full and computed since the last call."""

@@ -32,7 +32,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +129,8 @@ class Engine:
         self._mailbox: defaultdict[int, list[StepOutput]] = defaultdict(list)
         self._owner: dict[int, object] = {}  # request id -> its consumer; absent = step() callers
         self._lock = threading.RLock()  # one thread at a time (see `_exclusive`)
+        self._depth = 0  # how deep the holding thread is inside `_exclusive`
+        self._dropped: deque[int] = deque()  # requests of streams dropped while the engine was busy
         self._model_fingerprint = model.fingerprint()  # what the cached KV and image features were computed with
 
     def _blocks_from_budget(self, model, config: EngineConfig) -> int:
@@ -192,9 +194,11 @@ class Engine:
                 "this Engine is being used by another thread: an Engine serves one thread at a time "
                 "(run one loop thread that owns it and hand requests to it, or give each thread its own Engine)"
             )
+        self._depth += 1
         try:
             yield
         finally:
+            self._depth -= 1
             self._lock.release()
 
     def add_request(
@@ -215,6 +219,9 @@ class Engine:
         if self.processor is not None:
             overrides = {k: options[k] for k in ("do_image_splitting", "image_longest_edge", "video_fps", "video_max_frames") if k in options}
             self.processor.config.with_overrides(**overrides)  # raises ProcessorError naming the option
+        limit = options.get("max_prompt_tokens")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise TypeError(f"max_prompt_tokens must be a positive int, got {limit!r}")
         for flag in ("add_generation_prompt", "trusted"):
             if flag in options and not isinstance(options[flag], bool):
                 raise TypeError(f"{flag} must be True or False, got {options[flag]!r}")
@@ -275,8 +282,27 @@ class Engine:
         self._mailbox.pop(request_id, None)
         self._owner.pop(request_id, None)
 
+    def _drop(self, request_id: int) -> None:
+        """A consumer went away (a Stream garbage-collected): abort its request now if no thread is
+        inside the engine, else at the start of the next call (never block, never raise: this runs
+        from `__del__`, in whatever thread the garbage collector picked)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._depth == 0:  # not in the middle of an engine call of this very thread
+                    self._abort(request_id)
+                    return
+            finally:
+                self._lock.release()
+        self._dropped.append(request_id)
+
+    def _reap(self) -> None:
+        while self._dropped:
+            self._abort(self._dropped.popleft())
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running, or outputs of `add_request` requests that `step()` has not handed
+        out yet (they may have finished during a `generate` call or a stream): loop on `step()` until False."""
+        return self.scheduler.has_unfinished() or any(rid not in self._owner for rid in self._mailbox)
 
     # ------------------------------------------------------------------ one step
 
@@ -290,6 +316,7 @@ class Engine:
 
     def _advance(self) -> None:
         """One step; every output into its request's mailbox."""
+        self._reap()
         for out in self._step():
             self._mailbox[out.request_id].append(out)
 
@@ -334,15 +361,16 @@ class Engine:
         try:
             sampled, failed = self.runner.execute(batch, images)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
-            for seq in batch.seqs:
-                self.scheduler.finish(seq, "error", f"request {seq.seq_id}: the model step failed: {type(e).__name__}: {e}")
+            for seq in batch.seqs:  # what the step wrote into their blocks is not to be trusted
+                message = f"request {seq.seq_id}: the model step failed: {type(e).__name__}: {e}"
+                self.kv_cache.scrub(self.scheduler.finish(seq, "error", message, discard=True))
                 outputs.append(self._finalize(seq))
             return outputs
         self.stats.steps += 1
         self.stats.vision_calls = self.runner.num_vision_calls
         self.scheduler.postprocess(batch, sampled)
-        for i, message in failed.items():  # non-finite logits: that request alone fails
-            self.scheduler.finish(batch.seqs[i], "error", message)
+        for i, message in failed.items():  # non-finite logits: that request alone fails, its K/V is scrubbed
+            self.kv_cache.scrub(self.scheduler.finish(batch.seqs[i], "error", message, discard=True))
             outputs.append(self._finalize(batch.seqs[i]))
 
         for seq, token in zip(batch.seqs, sampled):
@@ -429,7 +457,7 @@ class Engine:
 
             try:
                 with_media = [i for i, c in enumerate(conversations) if _has_media(c)]
-                if len(with_media) > 1:  # read and decode media beside the model steps: a slow URL stalls no one
+                if with_media and len(conversations) > 1:  # media read beside the model steps: a slow URL stalls no one
                     pool = ThreadPoolExecutor(min(MEDIA_THREADS, len(with_media)), thread_name_prefix="smolvlm-media")
                     preparing = {pool.submit(self._prompt, conversations[i], index=i, **options): i for i in with_media}
                 in_pool = set(preparing.values())
@@ -518,9 +546,9 @@ class Stream:
         """Stop early: abort the request (if it is still running) and give its KV blocks back."""
         self.engine.abort(self.request_id)
 
-    def __del__(self) -> None:  # a stream dropped unfinished must not keep its request queued
-        if self.result is None and self.request_id in self.engine.requests:
-            self.close()
+    def __del__(self) -> None:  # a stream dropped unfinished must not keep its request or outputs
+        if self.result is None and self.request_id >= 0:
+            self.engine._drop(self.request_id)
 
 
 def _check_params(params: object) -> None:

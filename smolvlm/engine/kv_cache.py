@@ -49,6 +49,13 @@ class KVCache:
         # The per-layer views, made once: every layer of every step asks for them.
         self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(config.num_hidden_layers)]
 
+    def scrub(self, block_ids: list[int]) -> None:
+        """Zero these blocks in every layer: K/V a failed request left (NaN, inf) must not reach the
+        next owner, whose masked reads of a block's unused slots would turn `0 * NaN` into NaN."""
+        if block_ids:
+            index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+            self.data.index_fill_(2, index, 0)  # data: (L, K/V, num_blocks, block_size, Hkv, D)
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each a contiguous [num_blocks, block_size, Hkv, D] view."""
         return self._layers[layer_idx]

@@ -82,18 +82,20 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        """End `seq` now (stop condition met, failure, abort) and return its blocks to the pool."""
+    def finish(self, seq: Sequence, reason: str, error: str | None = None, discard: bool = False) -> list[int]:
+        """End `seq` now (stop condition met, failure, abort) and return its blocks to the pool; returns
+        the blocks that became free. `discard=True`: its K/V is garbage (see BlockManager.free_sequence)."""
         if seq.status is SequenceStatus.FINISHED:
-            return
+            return []
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free_sequence(seq)
+        freed = self.block_manager.free_sequence(seq, discard)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error
+        return freed
 
     # ------------------------------------------------------------------ one step
 

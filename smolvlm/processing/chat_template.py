@@ -6,11 +6,21 @@ with the loop-controls extension, a `tojson` filter that does not HTML-escape, a
 `raise_exception` and `strftime_now`. Templates come from the hub and are untrusted code, hence the
 sandbox. The template sees only plain JSON data: media objects (PIL images, arrays, bytes) are
 replaced by a placeholder string, as transformers' `_plain_template_data` does.
+
+The sandbox stops attribute tricks, not runaway work: Jinja caps `range` but not loops nested in
+loops, nor `'x' * 10**10`. So rendering here also has limits (transformers has none):
+- time: `TEMPLATE_TIME_LIMIT_S` of Python execution, enforced by a trace function on the rendering
+  thread (the template compiles to Python; every line it runs checks the deadline). The trace
+  function replaces a debugger's or coverage's for the few milliseconds of a render;
+- size: `TEMPLATE_MAX_CHARS` of output, and no `*`, `**`, `+` or string method in the template may
+  build a string, list or number larger than that (checked before the operation runs).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -35,6 +45,52 @@ VIDEO_CHAT_TEMPLATE = (
 )
 
 
+TEMPLATE_TIME_LIMIT_S = 2.0  # a real chat template renders in about a millisecond
+TEMPLATE_MAX_CHARS = 4_000_000  # output, and any string or list built on the way (far beyond any context)
+
+
+class _TemplateLimit(BaseException):
+    """Raised inside the template's code; a BaseException so no `except Exception` in Jinja's runtime
+    swallows it. Turned into a ProcessorError by `render`."""
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, (str, bytes, list, tuple, dict)):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 8
+    return 0
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        limit = TEMPLATE_MAX_CHARS
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > 8 * limit:
+                raise _TemplateLimit(f"{left!r:.20} ** {right!r:.20} is too large")
+        elif operator == "*":
+            if isinstance(left, int) and isinstance(right, int):
+                if left.bit_length() + right.bit_length() > 8 * limit:
+                    raise _TemplateLimit("a product too large")
+            elif isinstance(left, int) or isinstance(right, int):  # sequence * count
+                count, seq = (left, right) if isinstance(left, int) else (right, left)
+                if count > 0 and _size(seq) * count > limit:
+                    raise _TemplateLimit(f"a repetition of {_size(seq) * count} items")
+        elif operator == "+" and _size(left) + _size(right) > limit:
+            raise _TemplateLimit(f"a sum of {_size(left) + _size(right)} items")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, (str, list)) and any(
+            isinstance(a, int) and a > TEMPLATE_MAX_CHARS for a in (*args, *kwargs.values())
+        ):
+            raise _TemplateLimit(f"{getattr(__obj, '__name__', 'a method')}() with a count over {TEMPLATE_MAX_CHARS}")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -49,7 +105,7 @@ def _strftime_now(format: str) -> str:
 
 @lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -73,13 +129,44 @@ def plain_template_data(value: Any) -> Any:
 def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, **variables: Any) -> str:
     """One rendered prompt. `variables` are extra template variables (transformers passes the
     tokenizer's special-token map: bos_token, eos_token, ...)."""
+    compiled = compile_template(template)
+    context = dict(
+        messages=plain_template_data(messages),
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **plain_template_data(variables),
+    )
     try:
-        return compile_template(template).render(
-            messages=plain_template_data(messages),
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **plain_template_data(variables),
-        )
+        return _render_limited(compiled, context)
+    except _TemplateLimit as e:
+        raise ProcessorError(f"the chat template was stopped: {e}") from None
     except jinja2.TemplateError as e:
         raise ProcessorError(f"the chat template failed on this conversation: {e}") from e
+    except RecursionError:
+        raise ProcessorError("the chat template was stopped: it recursed too deeply") from None
+
+
+def _render_limited(compiled: jinja2.Template, context: dict[str, Any]) -> str:
+    """`compiled.render(**context)` within TEMPLATE_TIME_LIMIT_S and TEMPLATE_MAX_CHARS."""
+    deadline = time.monotonic() + TEMPLATE_TIME_LIMIT_S
+
+    def check_time(frame, event, arg):  # every call, line and return of this thread while rendering
+        if time.monotonic() > deadline:
+            raise _TemplateLimit(f"it ran for more than {TEMPLATE_TIME_LIMIT_S:g} s")
+        if event == "return" and _size(arg) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"it built a value of {_size(arg)} items")
+        return check_time
+
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(check_time)
+    try:
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _TemplateLimit(f"its output passed {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)

@@ -92,7 +92,15 @@ class OpenedImage:
 
 
 def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation known without decoding the pixels (1 when none is known yet)."""
     try:
+        if image.format == "PNG":  # PngImageFile.getexif() decodes the image to find a late eXIf chunk
+            raw = image.info.get("exif")
+            if not raw:
+                return 1  # a late chunk is seen when decoded, and the prompt is recomputed then
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(0x0112, 1))
         return int(image.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block: `rgb()` decides, the size is a first guess
         return 1
