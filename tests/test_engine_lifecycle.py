@@ -60,6 +60,8 @@ def test_bad_requests_fail_alone(engine, good, solo):
     results = engine.generate(batch, PARAMS)
     for i in (0, 2, 4):
         assert results[i].finish_reason == "error" and results[i].error.startswith(f"conversation {i}:"), results[i]
+    assert "not valid Unicode" in results[0].error and "'\\ud800' at character 17" in results[0].error, results[0]
+    assert "numpy image is empty" in results[2].error and "not found" in results[4].error, results
     assert [results[i].token_ids for i in (1, 3, 5)] == [r.token_ids for r in solo]
     assert_idle(engine)
     assert_behaves(engine, good, solo)

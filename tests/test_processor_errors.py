@@ -167,3 +167,32 @@ def test_missing_directory(tmp_path):
 def test_bad_padding_side(proc):
     with pytest.raises(ProcessorError, match="padding_side"):
         proc([{"role": "user", "content": "hi"}], padding_side="middle")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["video_sampling"].update(fps=float("nan")), "video fps"),
+        (lambda c: c["video_sampling"].update(fps=-1), "video fps"),
+        (lambda c: c["video_sampling"].update(max_frames=0), "max_frames"),
+        (lambda c: c.update(rescale_factor=float("nan")), "rescale_factor"),
+        (lambda c: c.update(image_std=[0.5, 0.0, 0.5]), "std non-zero"),
+        (lambda c: c.update(image_mean=[float("inf")] * 3), "image_mean"),
+        (lambda c: c.update(size={"longest_edge": 0}), "positive"),
+    ],
+    ids=["fps-nan", "fps-negative", "max-frames-0", "rescale-nan", "std-zero", "mean-inf", "size-0"],
+)
+def test_bad_numbers_in_the_preprocessor_config_fail_on_load(processor_dir, tmp_path, edit, match):
+    directory = copy_dir(processor_dir, tmp_path)
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    edit(config)
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))  # NaN/Infinity as JSON allows
+    with pytest.raises(ProcessorError, match=match):
+        Processor.from_pretrained(directory)
+
+
+def test_a_zero_image_seq_len_fails_on_load(processor_dir, tmp_path):
+    directory = copy_dir(processor_dir, tmp_path)
+    (directory / "processor_config.json").write_text(json.dumps({"image_seq_len": 0}))
+    with pytest.raises(ProcessorError, match="image_seq_len"):
+        Processor.from_pretrained(directory)

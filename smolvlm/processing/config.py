@@ -47,8 +47,19 @@ class ImageSettings:
             raise ProcessorError(
                 f"image sizes must be positive, got longest_edge={self.longest_edge}, tile_size={self.tile_size}"
             )
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ProcessorError(f"image_mean/image_std need 3 values, got {self.image_mean} / {self.image_std}")
+        _check_normalization(self)
+
+
+def _check_normalization(s) -> None:
+    """rescale_factor, image_mean, image_std: finite (a NaN here makes every pixel NaN), std non-zero."""
+    if len(s.image_mean) != 3 or len(s.image_std) != 3:
+        raise ProcessorError(f"image_mean/image_std need 3 values, got {s.image_mean} / {s.image_std}")
+    values = (s.rescale_factor, *s.image_mean, *s.image_std)
+    if not all(math.isfinite(v) for v in values) or any(v == 0 for v in s.image_std):
+        raise ProcessorError(
+            f"rescale_factor, image_mean and image_std must be finite (std non-zero), got "
+            f"{s.rescale_factor}, {s.image_mean}, {s.image_std}"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,17 @@ class VideoSettings:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: int = PIL_LANCZOS
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ProcessorError(f"video fps must be positive and finite, got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ProcessorError(f"video max_frames must be at least 1, got {self.max_frames}")
+        if self.frame_size < 1 or any(n < 1 for n in self.resize[1:]):
+            raise ProcessorError(f"video sizes must be positive, got resize={self.resize}, frame_size={self.frame_size}")
+        if not (math.isfinite(self.skip_secs) and self.skip_secs >= 0):
+            raise ProcessorError(f"video skip_secs must be finite and >= 0, got {self.skip_secs}")
+        _check_normalization(self)
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,12 @@ class ProcessorConfig:
     chat_template: str
     context_length: int | None  # max prompt tokens (text_config.max_position_embeddings); None = unchecked
     tokens: SpecialTokens = SpecialTokens()
+
+    def __post_init__(self) -> None:
+        if self.image_seq_len < 1 or (self.context_length is not None and self.context_length < 1):
+            raise ProcessorError(
+                f"image_seq_len and the context length must be positive, got {self.image_seq_len}, {self.context_length}"
+            )
 
     def with_overrides(
         self,

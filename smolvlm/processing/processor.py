@@ -112,6 +112,8 @@ def _content_items(messages: Messages, index: int) -> Messages:
             kind = item["type"]
             if kind == "text" and not isinstance(item.get("text"), str):
                 raise ProcessorError(f"{where}: text item needs a string 'text'")
+            if kind == "text":
+                _check_unicode(item["text"], where)
             if kind == "video" and not any(k in item for k in ("video", "url", "path")):
                 raise ProcessorError(f"{where}: video item needs a 'path' (or 'video' / 'url')")
             if kind not in ("text", "image", "video"):
@@ -120,6 +122,16 @@ def _content_items(messages: Messages, index: int) -> Messages:
         message["content"] = items
         normal.append(message)
     return normal
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Text that cannot be UTF-8 (a lone surrogate, e.g. from a broken JSON escape) is refused by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProcessorError(
+            f"{where}: the text is not valid Unicode ({e.reason}: {text[e.start:e.end]!r} at character {e.start})"
+        ) from None
 
 
 class Processor:
@@ -190,6 +202,7 @@ class Processor:
         tokens = config.tokens
         messages = _content_items(messages, index)
         text = self.render(messages, add_generation_prompt, index)
+        _check_unicode(text, f"conversation {index}: the rendered prompt")  # a role or other field
         media_items = [item for m in messages for item in m["content"] if item["type"] in ("image", "video")]
 
         n_images = sum(item["type"] == "image" for item in media_items)
