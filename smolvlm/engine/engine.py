@@ -429,10 +429,14 @@ class Engine:
                 "generate takes a list of conversations (or one conversation: a list of messages), got a "
                 f"{type(conversations).__name__}; e.g. [[{{'role': 'user', 'content': 'Hello'}}]]"
             )
+        if not isinstance(conversations, (list, tuple)):
+            raise TypeError(f"generate takes a list of conversations, got a {type(conversations).__name__}")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # one conversation given as a list of messages
         if isinstance(params, SamplingParams):
             params = [params] * len(conversations)
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
         if len(params) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(params)} SamplingParams")
         options = self._options(processor_options)
@@ -442,12 +446,16 @@ class Engine:
             owner = object()  # this call
             results: list[GenerationResult | None] = [None] * len(conversations)
             ids: dict[int, int] = {}  # request id -> index
+            waiting: set[int] = set()  # request ids whose result has not come yet
             preparing: dict[Future, int] = {}  # media being read and decoded -> index
             pool = None
 
             def admit(index: int, prepare) -> None:
+                """Queue conversation `index` (its prompt from `prepare()`), or record why it cannot run."""
                 try:
-                    ids[self._add(prepare(), params[index], owner)] = index
+                    request_id = self._add(prepare(), params[index], owner)
+                    ids[request_id] = index
+                    waiting.add(request_id)
                 except Exception as e:  # noqa: BLE001 - a bad conversation fails alone
                     # ProcessorError and RequestError are ValueErrors with full messages; name anything else
                     reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
@@ -464,15 +472,11 @@ class Engine:
                 for index, conversation in enumerate(conversations):
                     if index not in in_pool:
                         admit(index, lambda c=conversation, i=index: self._prompt(c, index=i, **options))
-                waiting = set(ids)
                 while waiting or preparing:
-                    if preparing:
+                    if preparing:  # admit what is ready; with nothing to step, wait for the next one
                         done, _ = wait(preparing, timeout=None if not waiting else 0, return_when=FIRST_COMPLETED)
                         for future in done:
-                            index = preparing.pop(future)
-                            before = set(ids)
-                            admit(index, future.result)
-                            waiting |= set(ids) - before
+                            admit(preparing.pop(future), future.result)
                     for rid in list(waiting):
                         for out in self._take(rid):
                             if out.result is not None:
