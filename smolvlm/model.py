@@ -88,6 +88,26 @@ class SmolVLM(nn.Module):
         modules = tuple((id(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in self.modules())
         return modules, tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
 
+    # ------------------------------------------------------------------ research (smolvlm/research)
+
+    def hook_names(self) -> list[str]:
+        """Every hook point: module names (the checkpoint's) and the HookPoints (hookpoint.py)."""
+        from smolvlm.research import hook_names
+
+        return hook_names(self)
+
+    def run_with_cache(self, input_ids, pixel_values=None, pixel_attention_mask=None, names=None, **options):
+        """(logits, cache of hook point -> tensor); see smolvlm.research.run_with_cache."""
+        from smolvlm.research import run_with_cache
+
+        return run_with_cache(self, input_ids, pixel_values, pixel_attention_mask, names=names, **options)
+
+    def hooks(self, fns):
+        """`with model.hooks({name: fn}): ...`, fn(tensor, name) -> replacement or None; see smolvlm.research.hooks."""
+        from smolvlm.research import hooks
+
+        return hooks(self, fns)
+
     # ------------------------------------------------------------------ stages
 
     @property

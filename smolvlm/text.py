@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_modules
 
 from smolvlm.config import TextConfig
+from smolvlm.hookpoint import HookPoint, attention_probabilities, is_hooked, weighted_values
 from smolvlm.linear import Embedding, Linear, call_with_ops, scaled_dot_product_attention
 from smolvlm.ops import TORCH_OPS, Ops
 
@@ -105,6 +106,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.weights = HookPoint()  # attention probabilities, computed only when hooked (hookpoint.py)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
@@ -122,7 +124,26 @@ class Attention(nn.Module):
             v = call_with_ops(self.v_proj, x, ops).view(*lead, hkv, self.head_dim)  # (..., Hkv, D)
             q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         out = attention(self.layer_idx, q, k, v, self.scale)  # (..., Hq, D)
+        if is_hooked(self.weights):
+            out = self._through_weights_hook(q, k, v, out, attention)
         return call_with_ops(self.o_proj, out.reshape(*lead, hq * self.head_dim), ops)
+
+
+    def _through_weights_hook(self, q, k, v, out, attention) -> torch.Tensor:
+        """Show the attention probabilities to the hooks on `self.weights`; if one replaces them, the
+        output becomes replacement @ V. q (B, T, Hq, D), k/v (B, T, Hkv, D), out (B, T, Hq, D)."""
+        allowed = getattr(attention, "allowed", None)
+        if allowed is None:
+            raise RuntimeError(
+                f"attention probabilities (a hook on layers.{self.layer_idx}.self_attn.weights) exist only in a "
+                f"whole-sequence forward (model(...), smolvlm.research), not with {type(attention).__name__}"
+            )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        probabilities = attention_probabilities(q, k, allowed(q.shape[2], k.shape[2]), self.scale)  # (B, Hq, T, T)
+        replaced = self.weights(probabilities)
+        if replaced is probabilities:
+            return out  # only looked at: the fast kernel's output stands, bit for bit
+        return weighted_values(replaced, v).transpose(1, 2)  # (B, T, Hq, D)
 
 
 class MLP(nn.Module):
@@ -168,6 +189,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.inputs_embeds = HookPoint()  # the decoder's input: token embeddings, image features merged in
 
     @torch.no_grad()
     def pack_projections(self) -> None:
@@ -194,7 +216,7 @@ class TextModel(nn.Module):
     ) -> torch.Tensor:
         """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden)."""
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)  # (..., D) each, shared by all layers
-        x = inputs_embeds
+        x = self.inputs_embeds(inputs_embeds)
         for layer in self.layers:
             x = layer(x, cos, sin, attention, ops)
         return call_with_ops(self.norm, x, ops)
@@ -243,12 +265,19 @@ class CausalAttention:
 
     def __init__(self, attention_mask: torch.Tensor | None, seq_len: int, device: torch.device):
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # (T, T)
+        self.causal = causal
         if attention_mask is None or bool(attention_mask.all()):
             self.mask = None  # plain causal: let SDPA use its fast path
         else:
             keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
             diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
             self.mask = (causal & keys) | diagonal  # (B, 1, T, T)
+
+    def allowed(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """Which key each query may see: (B or 1, 1, T, T) bool (for attention probabilities)."""
+        if self.mask is not None:
+            return self.mask
+        return self.causal[None, None]
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # (B, T, H, D) -> (B, H, T, D) for SDPA; KV heads are shared by groups of query heads (GQA).

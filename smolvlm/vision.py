@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import VisionConfig
+from smolvlm.hookpoint import HookPoint, attention_probabilities, is_hooked, weighted_values
 from smolvlm.linear import Embedding, Linear, scaled_dot_product_attention
 
 
@@ -89,6 +90,7 @@ class VisionAttention(nn.Module):
         self.k_proj = Linear(d, d)
         self.v_proj = Linear(d, d)
         self.out_proj = Linear(d, d)
+        self.weights = HookPoint()  # attention probabilities, computed only when hooked (hookpoint.py)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
         n, t, d = x.shape
@@ -97,6 +99,13 @@ class VisionAttention(nn.Module):
         k = self.k_proj(x).view(n, t, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(n, t, self.num_heads, self.head_dim)
         out = attention(q, k, v, key_mask, scale=self.scale)  # (N, T, heads, head_dim), bidirectional
+        if is_hooked(self.weights):  # the probabilities, only when asked for (hookpoint.py)
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (N, heads, T, head_dim)
+            allowed = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, T)
+            probabilities = attention_probabilities(qh, kh, allowed, self.scale)  # (N, heads, T, T)
+            replaced = self.weights(probabilities)
+            if replaced is not probabilities:
+                out = weighted_values(replaced, vh).transpose(1, 2)
         return self.out_proj(out.reshape(n, t, d))
 
 

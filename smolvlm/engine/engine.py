@@ -207,9 +207,33 @@ class Engine:
         """Queue one request; returns its id. Raises (RequestError / ProcessorError) if it cannot be served.
         Its outputs come from `step()`. Media are read and decoded before the engine is entered."""
         _check_params(params)
+        self._check_model()
         prompt = self._prompt(prompt, **self._options(processor_options))
         with self._exclusive():
             return self._add(prompt, params, None)
+
+    def _check_model(self) -> None:
+        """Refuse a model hooked by smolvlm.research (`model.hooks`, `run_with_cache`) or with hooks on
+        attention probabilities: the engine's steps are flat, batched and paged, which those hooks'
+        values do not describe (and paged attention has no probabilities to show). Plain PyTorch
+        hooks and wrapped modules elsewhere are honoured (README: the ops seam)."""
+        if not any(m._forward_hooks for m in self.model.modules()):
+            return
+        from smolvlm.hookpoint import HookPoint, is_hooked
+        from smolvlm.research.hooks import is_research_hook
+
+        refused = [
+            name for name, m in self.model.named_modules()
+            if any(is_research_hook(h) for h in m._forward_hooks.values())
+            or (isinstance(m, HookPoint) and name.endswith(".weights") and is_hooked(m))
+        ]
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise RequestError(
+                f"the model has research hooks on {refused[0]}{more}: the Engine's flat, batched, paged steps "
+                "would not give them the values they expect. Generate with hooks through "
+                "smolvlm.research.generate (one conversation, plain forward passes), or outside the hooks block"
+            )
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Processor options checked once, at the door: unknown names and bad values raise here."""
@@ -442,6 +466,7 @@ class Engine:
         options = self._options(processor_options)
         for p in params:
             _check_params(p)
+        self._check_model()
         with self._exclusive():
             owner = object()  # this call
             results: list[GenerationResult | None] = [None] * len(conversations)
@@ -497,6 +522,7 @@ class Engine:
         """One request, its answer text piece by piece: `for piece in engine.stream(...)`. The request is
         queued now (a bad one raises here); afterwards the stream's `.result` is its GenerationResult."""
         _check_params(params)
+        self._check_model()
         prompt = self._prompt(conversation, **self._options(processor_options))
         with self._exclusive():
             stream = Stream(self)
