@@ -2,6 +2,7 @@
 
     smolvlm run [--model M] [--image P]... [--video P] "prompt"     stream one answer to stdout
     smolvlm chat [--model M] [--image P]... [--video P]             a conversation, one question per line
+    smolvlm explain --image P "prompt" --out heat.png                where the answer looked (attention map)
 
 Errors (a missing image, an unreadable video, a model that cannot be found) print one line to stderr
 and exit with status 1; `--debug` shows the traceback instead. Heavy imports (torch, the model) wait
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolvlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat,explain}")
     run = commands.add_parser("run", parents=[common], help="answer one prompt, streamed to stdout",
                               description="Answer one prompt about the given images / video, streamed to stdout.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
                         description="A conversation: each line on stdin is a question; the answers stream to "
                                     "stdout. Earlier turns (and their images) stay cached.\n\n" + CHAT_HELP,
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain = commands.add_parser(
+        "explain", parents=[common], help="answer, then draw where the answer looked in the image / video",
+        description="Answer one prompt (greedy, through smolvlm.research: hooks honoured, no engine), then render "
+                    "the attention from the answer tokens to the image tokens over the photo (tiles in the photo's "
+                    "layout, the global thumbnail beside it) or over each sampled frame of the video (with a bar "
+                    "of attention mass per frame).",
+        epilog="examples:\n  smolvlm explain --image photo.jpg \"What is in this picture?\" --out heat.png\n"
+               "  smolvlm explain --video clip.mp4 --layer 20 --head 3 \"What happens?\" --out frames.png\n"
+               "  smolvlm explain --image doc.png --token 0 --logit-lens 5 \"What does it say?\" --out doc-heat.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain.add_argument("prompt", help="the question or instruction")
+    explain.add_argument("--out", "-o", required=True, metavar="PNG", help="where to write the picture")
+    explain.add_argument("--token", type=int, default=None, metavar="K",
+                         help="attention from answer token K only (0 = the first); default: all answer tokens")
+    explain.add_argument("--layer", type=int, default=None, help="one decoder layer (default: mean over layers)")
+    explain.add_argument("--head", type=int, default=None, help="one attention head (default: mean over heads)")
+    explain.add_argument("--logit-lens", type=int, default=0, metavar="K",
+                         help="also print the top K next tokens read from every layer at the position that "
+                              "predicted the first answer token (or --token)")
     return parser
 
 
@@ -271,10 +292,102 @@ def chat(args) -> int:
     return 0
 
 
+def explain(args) -> int:
+    """Answer with smolvlm.research.generate, then draw the answer's attention on the image tokens."""
+    media_paths = args.image + ([args.video] if args.video else [])
+    if not media_paths:
+        raise CLIError("explain needs an --image or a --video to draw the attention over")
+    check_media(media_paths)
+    check_flags(args)
+    if args.temperature != 0:
+        raise CLIError("explain answers greedily (what is studied, not sampled): drop --temperature")
+    for flag in ("token", "layer", "head"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise CLIError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.logit_lens < 0:
+        raise CLIError(f"--logit-lens must be >= 0, got {args.logit_lens}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    if not out.parent.exists():
+        raise CLIError(f"--out: directory {out.parent} does not exist")
+
+    import torch
+    from PIL import Image
+
+    from smolvlm import SmolVLM
+    from smolvlm.processing import Processor
+    from smolvlm.research import attention_rows, generate, logit_lens, media_heat, render_image, render_video
+    from smolvlm.weights import CHECKPOINT_PATTERNS, resolve_checkpoint
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
+    directory = resolve_checkpoint(args.model, allow_patterns=CHECKPOINT_PATTERNS)
+    model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device)
+    processor = Processor.from_pretrained(directory if Path(args.model).expanduser().is_dir() else args.model)
+    options = processor_options(args)
+    text = model.config.text
+    for flag, value, limit, what in (("layer", args.layer, text.num_hidden_layers, "layers"),
+                                     ("head", args.head, text.num_attention_heads, "heads per layer")):
+        if value is not None and value >= limit:
+            raise CLIError(f"--{flag} {value}: this model has {limit} {what} (0..{limit - 1})")
+    print("answering (one full forward pass per token)...", file=sys.stderr)
+    result = generate(model, processor, [user_turn(args.prompt, args.image, args.video)], args.max_new_tokens, **options)
+    print(result.text)
+    if args.token is not None and args.token >= len(result.token_ids):
+        raise CLIError(f"--token {args.token}: the answer has {len(result.token_ids)} tokens")
+    rows = attention_rows(model, result, args.layer, args.head, args.token)
+    positions = [i for i, t in enumerate(result.input_ids) if t == model.config.image_token_id]
+    heats = media_heat(rows[positions], result.media, model.config.image_seq_len)
+    what = "answer" if args.token is None else f"answer token {args.token} ({processor.decode([result.token_ids[args.token]])!r})"
+    where = ("mean over layers" if args.layer is None else f"layer {args.layer}") + ", " + (
+        "mean over heads" if args.head is None else f"head {args.head}")
+    title = f"attention from the {what} to the image tokens ({where}); {sum(rows[positions]):.1%} of it on images"
+    pictures = []
+    images = iter(args.image)
+    for heat in heats:
+        if heat.kind == "image":
+            pictures.append(render_image(heat, _open_photo(next(images)), title))
+        else:
+            pictures.append(render_video(heat, _video_frames(args.video, processor, options), title))
+    canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, y))
+        y += picture.height
+    canvas.save(out)
+    print(f"wrote {out} ({title})", file=sys.stderr)
+    if args.logit_lens:
+        position = len(result.input_ids) - 1 + (args.token or 0)
+        print(f"logit lens at position {position} (predicting answer token {args.token or 0}):")
+        for layer, top in logit_lens(model, result.sequence, position, args.logit_lens, result.pixel_values):
+            print(f"  layer {layer:2d}: " + "  ".join(f"{processor.decode([t])!r} {p:.3f}" for t, p in top))
+    return 0
+
+
+def _open_photo(path: str):
+    from smolvlm.processing.image import load_image
+
+    return load_image({"type": "image", "url" if "://" in path else "path": path})
+
+
+def _video_frames(path: str, processor, options: dict):
+    from PIL import Image
+
+    from smolvlm.processing.video import load_video
+
+    settings = processor.config.with_overrides(None, None, options.get("video_fps"), options.get("video_max_frames")).video
+    clip = load_video(path, settings, backend=processor.video_backend)
+    return [Image.fromarray(frame) for frame in clip.frames]
+
+
+COMMANDS = {"run": run, "chat": chat, "explain": explain}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args) if args.command == "run" else chat(args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
