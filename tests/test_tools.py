@@ -165,3 +165,17 @@ def test_bench_e2e_smoke(tmp_path, tiny_ckpt):
                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
     [rerendered] = table_rows(markdown_path.read_text(), "photo")
     assert rerendered == row
+
+
+def test_compare_with_transformers_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "compare.json"
+    result = run_tool("compare_with_transformers.py", "--model", tiny_ckpt, "--json", report_path, "--fail-above", "1e-4")
+    rows = {r["stage"]: r for r in json.loads(report_path.read_text())["rows"]}
+    layers = json.loads((tiny_ckpt / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    expected = (["vision.embeddings", "vision.layers.0", "vision.layers.1", "vision.post_layernorm", "connector",
+                 "inputs_embeds"] + [f"text.layers.{i}" for i in range(layers - 1)]
+                + ["text.norm", "logits", "logits (end to end)"])
+    assert list(rows) == expected and all(line.split()[0] in result.stdout for line in expected)
+    for name in ("vision.post_layernorm", "connector", "text.norm", "logits"):  # the same arithmetic, same inputs
+        assert rows[name]["max_abs"] == 0.0 and positive(rows[name]["ref_max_abs"]), rows[name]
+    assert rows["logits (end to end)"]["max_abs"] <= 1e-4
