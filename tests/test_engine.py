@@ -272,10 +272,22 @@ def test_failing_requests_fail_alone(tiny_ckpt, conversations, media, alone):
 def test_image_that_fails_in_the_vision_tower_fails_alone(tiny_ckpt, conversations, alone):
     engine = make_engine(tiny_ckpt)
     good = engine.prepare(conversations["image"])
-    broken = PromptInputs(list(good.input_ids), [type(good.images[0])(good.images[0].pixel_values[..., :7], "x")])
-    results = engine.generate([broken, conversations["text"]], SamplingParams(max_new_tokens=20))
-    assert results[0].finish_reason == "error" and "image features failed" in results[0].error
-    assert results[1].token_ids == alone["text"]
+    image_type = type(good.images[0])
+    misshaped = PromptInputs(list(good.input_ids), [image_type(good.images[0].pixel_values[..., :7], "x")])
+    marked = PromptInputs(list(good.input_ids), [image_type(torch.full_like(good.images[0].pixel_values, 1000.0), "m")])
+
+    def tower_fails_on_marked_tiles(module, args):  # a plain PyTorch hook: the engine honours it
+        if float(args[0].abs().max()) > 500:
+            raise RuntimeError("the vision tower failed")
+
+    handle = engine.model.model.vision_model.register_forward_pre_hook(tower_fails_on_marked_tiles)
+    try:
+        results = engine.generate([misshaped, marked, conversations["text"]], SamplingParams(max_new_tokens=20))
+    finally:
+        handle.remove()
+    assert results[0].finish_reason == "error" and "pixel_values should be (n_tiles >= 1, 3, 64, 64)" in results[0].error
+    assert results[1].finish_reason == "error" and "image features failed" in results[1].error, results[1]
+    assert results[2].token_ids == alone["text"]
     assert_pool_empty(engine)
 
 

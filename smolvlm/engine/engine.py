@@ -253,14 +253,13 @@ class Engine:
 
     def _add(self, prompt: PromptInputs, params: SamplingParams, owner: object | None) -> int:
         _check_params(params)
-        if not isinstance(prompt, PromptInputs):
-            raise TypeError(f"expected PromptInputs, got {type(prompt).__name__}")
         self._drop_stale_caches()
         request_id = self._next_id
         self._next_id += 1
         model_config = self.model.config
         spans = image_spans(
-            prompt, request_id, model_config.text.vocab_size, model_config.image_token_id, model_config.image_seq_len
+            prompt, request_id, model_config.text.vocab_size, model_config.image_token_id, model_config.image_seq_len,
+            model_config.vision.image_size,
         )
         seq = Sequence(
             request_id,
@@ -299,6 +298,8 @@ class Engine:
             self._abort(request_id)
 
     def _abort(self, request_id: int) -> None:
+        if type(request_id) is not int:
+            raise TypeError(f"request_id must be an int (from add_request), got {request_id!r}")
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.finish(request.seq, "abort")

@@ -56,20 +56,50 @@ def prompt_from_conversation(processor, conversation: Messages, **processor_opti
     return PromptInputs(list(item.input_ids), images)
 
 
-def image_spans(prompt: PromptInputs, request_id: int, vocab_size: int, image_token_id: int, image_seq_len: int) -> list[ImageSpan]:
-    """Check the prompt against its images (the admission check: ids in range, one `<image>` token per
-    image feature) and pair each image with the positions of its tokens."""
+def check_prompt(prompt: object, request_id: int, vocab_size: int, tile_size: int) -> None:
+    """The types and shapes of a PromptInputs built by hand (the processor's are right by construction)."""
+    where = f"request {request_id}"
+    if not isinstance(prompt, PromptInputs):
+        raise RequestError(f"{where}: expected PromptInputs, got {type(prompt).__name__}")
     ids = prompt.input_ids
+    if not isinstance(ids, list) or not ids:
+        raise RequestError(f"{where}: input_ids must be a non-empty list of ints, got {type(ids).__name__}")
+    if any(type(t) is not int for t in ids):
+        bad = next(t for t in ids if type(t) is not int)
+        raise RequestError(f"{where}: input_ids must be ints, got {bad!r} ({type(bad).__name__})")
     if any(not 0 <= t < vocab_size for t in ids):
-        raise RequestError(f"request {request_id}: token ids must be in [0, {vocab_size})")
-    positions = [i for i, t in enumerate(ids) if t == image_token_id]
-    needed = 0
-    for image in prompt.images:
-        if image.pixel_values.dim() != 4:
+        raise RequestError(f"{where}: token ids must be in [0, {vocab_size})")
+    if not isinstance(prompt.images, list) or any(not isinstance(i, ImageInput) for i in prompt.images):
+        raise RequestError(f"{where}: images must be a list of ImageInput")
+    for n, image in enumerate(prompt.images):
+        pixels = image.pixel_values
+        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+            raise RequestError(f"{where}, image {n}: pixel_values must be a floating-point torch.Tensor")
+        if pixels.dim() != 4 or pixels.shape[0] < 1 or tuple(pixels.shape[1:]) != (3, tile_size, tile_size):
             raise RequestError(
-                f"request {request_id}: an image's pixel_values should be (n_tiles, 3, H, W), got {tuple(image.pixel_values.shape)}"
+                f"{where}, image {n}: pixel_values should be (n_tiles >= 1, 3, {tile_size}, {tile_size}), "
+                f"got {tuple(pixels.shape)}"
             )
-        needed += image.pixel_values.shape[0] * image_seq_len
+        if not isinstance(image.content_hash, str) or not image.content_hash:
+            raise RequestError(f"{where}, image {n}: content_hash must be a non-empty string")
+        try:
+            image.content_hash.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{where}, image {n}: content_hash is not valid Unicode") from None
+        mask = image.pixel_attention_mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (pixels.shape[0], tile_size, tile_size)):
+            raise RequestError(f"{where}, image {n}: pixel_attention_mask should be (n_tiles, {tile_size}, {tile_size}) or None")
+
+
+def image_spans(
+    prompt: PromptInputs, request_id: int, vocab_size: int, image_token_id: int, image_seq_len: int, tile_size: int
+) -> list[ImageSpan]:
+    """Check the prompt against its images (the admission check: types and shapes, ids in range, one
+    `<image>` token per image feature) and pair each image with the positions of its tokens."""
+    check_prompt(prompt, request_id, vocab_size, tile_size)
+    ids = prompt.input_ids
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    needed = sum(image.pixel_values.shape[0] * image_seq_len for image in prompt.images)
     if needed != len(positions):
         raise RequestError(
             f"request {request_id}: the prompt has {len(positions)} <image> tokens but its "

@@ -177,6 +177,10 @@ class ModelRunner:
             seqs = [batch.seqs[i] for i in sampling]
             tokens = self.sampler(logits, [s.seq_id for s in seqs], [s.params for s in seqs], [s.token_ids for s in seqs])
             for i, token in zip(sampling, tokens):
+                if token is None:  # its sampling settings turned finite logits into non-finite probabilities
+                    p = batch.seqs[i].params
+                    failed[i] = (f"request {batch.seqs[i].seq_id}: no token could be sampled: temperature "
+                                 f"{p.temperature:g} / repetition_penalty {p.repetition_penalty:g} overflow the logits")
                 out[i] = token
         return out, failed
 

@@ -53,8 +53,9 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams], token_ids: list[list[int]]
-    ) -> list[int]:
-        """logits (B, V) fp32 -> B token ids. `token_ids[b]`: sequence b so far (for the repetition penalty)."""
+    ) -> list[int | None]:
+        """logits (B, V) fp32 -> B token ids. `token_ids[b]`: sequence b so far (for the repetition penalty).
+        None for a row whose settings made its scores non-finite (that request fails alone)."""
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
             return logits.argmax(dim=-1).tolist()  # the common case: one op, one host sync
         chosen = []
@@ -63,14 +64,19 @@ class Sampler:
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(token_ids[b], dtype=torch.long, device=row.device)
                 row = apply_repetition_penalty(row, seen, p.repetition_penalty)
-            if p.greedy:
-                chosen.append(row.argmax())
+            if not p.greedy:
+                row = row / p.temperature
+            # a tiny temperature or penalty can overflow finite logits: +inf or NaN scores, or none left finite
+            if bool(torch.isnan(row).any() | (row == float("inf")).any()) or not bool(torch.isfinite(row).any()):
+                chosen.append(None)  # no honest choice: this request fails alone
                 continue
-            row = row / p.temperature
+            if p.greedy:
+                chosen.append(int(row.argmax()))
+                continue
             if p.top_k:
                 row = apply_top_k(row, p.top_k)
             if p.top_p < 1.0:
                 row = apply_top_p(row, p.top_p)
             probs = row.softmax(dim=-1)
-            chosen.append(torch.multinomial(probs, 1, generator=self.generators.get(seq_ids[b]))[0])
-        return torch.stack(chosen).tolist()
+            chosen.append(int(torch.multinomial(probs, 1, generator=self.generators.get(seq_ids[b]))[0]))
+        return chosen

@@ -19,6 +19,7 @@ loops, nor `'x' * 10**10`. So rendering here also has limits (transformers has n
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from datetime import datetime
@@ -62,14 +63,21 @@ def _size(value: Any) -> int:
     return 0
 
 
+_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?")
+
+
 class _LimitedEnvironment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
         limit = TEMPLATE_MAX_CHARS
-        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+        if operator == "%" and isinstance(left, str):  # printf-style: a width or precision can be huge
+            for width, precision in _FORMAT_WIDTH.findall(left):
+                if len(width) > 7 or len(precision) > 7 or int(width or 0) + int(precision or 0) > limit:
+                    raise _TemplateLimit("a %-format with a width or precision over the output limit")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > 8 * limit:
-                raise _TemplateLimit(f"{left!r:.20} ** {right!r:.20} is too large")
+                raise _TemplateLimit(f"a power of {abs(left).bit_length() * right} bits is too large")
         elif operator == "*":
             if isinstance(left, int) and isinstance(right, int):
                 if left.bit_length() + right.bit_length() > 8 * limit:
@@ -91,6 +99,20 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
 
+def _limited(function):
+    """A filter that refuses integer arguments larger than the output limit (a width, a count)."""
+
+    def limited(*args, **kwargs):
+        if any(type(a) is int and a > TEMPLATE_MAX_CHARS for a in (*args[1:], *kwargs.values())):
+            raise _TemplateLimit(f"the {getattr(function, '__name__', 'filter')} filter with a count over {TEMPLATE_MAX_CHARS}")
+        return function(*args, **kwargs)
+
+    for attribute in ("jinja_pass_arg",):  # keep Jinja's pass_context / pass_environment markers
+        if hasattr(function, attribute):
+            setattr(limited, attribute, getattr(function, attribute))
+    return limited
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -105,7 +127,10 @@ def _strftime_now(format: str) -> str:
 
 @lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
-    env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    # optimized=False: no constant folding, which would evaluate `'x' | center(10**9)` while compiling,
+    # outside the limits
+    env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], optimized=False)
+    env.filters = {name: _limited(f) for name, f in env.filters.items()}  # center, indent, wordwrap... take counts
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -129,44 +154,56 @@ def plain_template_data(value: Any) -> Any:
 def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, **variables: Any) -> str:
     """One rendered prompt. `variables` are extra template variables (transformers passes the
     tokenizer's special-token map: bos_token, eos_token, ...)."""
-    compiled = compile_template(template)
-    context = dict(
-        messages=plain_template_data(messages),
-        tools=None,
-        documents=None,
-        add_generation_prompt=add_generation_prompt,
-        **plain_template_data(variables),
-    )
     try:
-        return _render_limited(compiled, context)
+        context = dict(
+            messages=plain_template_data(messages),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **plain_template_data(variables),
+        )
+    except RecursionError:
+        raise ProcessorError("the conversation is nested too deeply (or refers to itself) to render") from None
+    try:
+        # compiling is limited too: Jinja evaluates constant output expressions while it compiles
+        compiled = _within_limits(lambda: compile_template(template))
+        return _within_limits(lambda: _generate(compiled, context))
     except _TemplateLimit as e:
         raise ProcessorError(f"the chat template was stopped: {e}") from None
     except jinja2.TemplateError as e:
         raise ProcessorError(f"the chat template failed on this conversation: {e}") from e
     except RecursionError:
         raise ProcessorError("the chat template was stopped: it recursed too deeply") from None
+    except (MemoryError, OverflowError, ValueError, TypeError) as e:  # ints too large to print, and the like
+        raise ProcessorError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _render_limited(compiled: jinja2.Template, context: dict[str, Any]) -> str:
-    """`compiled.render(**context)` within TEMPLATE_TIME_LIMIT_S and TEMPLATE_MAX_CHARS."""
+def _within_limits(work):
+    """work() within TEMPLATE_TIME_LIMIT_S of Python execution, no function returning a value over
+    TEMPLATE_MAX_CHARS (a trace function on this thread; the previous one is put back after)."""
     deadline = time.monotonic() + TEMPLATE_TIME_LIMIT_S
 
-    def check_time(frame, event, arg):  # every call, line and return of this thread while rendering
+    def check(frame, event, arg):  # every call, line and return of this thread meanwhile
         if time.monotonic() > deadline:
             raise _TemplateLimit(f"it ran for more than {TEMPLATE_TIME_LIMIT_S:g} s")
         if event == "return" and _size(arg) > TEMPLATE_MAX_CHARS:
             raise _TemplateLimit(f"it built a value of {_size(arg)} items")
-        return check_time
+        return check
 
-    pieces, size = [], 0
     previous = sys.gettrace()
-    sys.settrace(check_time)
+    sys.settrace(check)
     try:
-        for piece in compiled.generate(**context):
-            size += len(piece)
-            if size > TEMPLATE_MAX_CHARS:
-                raise _TemplateLimit(f"its output passed {TEMPLATE_MAX_CHARS} characters")
-            pieces.append(piece)
+        return work()
     finally:
         sys.settrace(previous)
+
+
+def _generate(compiled: jinja2.Template, context: dict[str, Any]) -> str:
+    """`compiled.render(**context)`, its output capped at TEMPLATE_MAX_CHARS."""
+    pieces, size = [], 0
+    for piece in compiled.generate(**context):
+        size += len(piece)
+        if size > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"its output passed {TEMPLATE_MAX_CHARS} characters")
+        pieces.append(piece)
     return "".join(pieces)

@@ -157,8 +157,9 @@ def _check_override(name: str, value: Any, kind: type) -> None:
         raise ProcessorError(f"{name} must be {'a number' if kind is float else 'an int'}, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ProcessorError(f"{name} must be positive and finite, got {value!r}")
-    if kind is int and value > 1_000_000:
-        raise ProcessorError(f"{name} must be at most 1000000, got {value!r}")
+    high = {"video_fps": 1000.0, "video_max_frames": 10_000, "image_longest_edge": 1 << 16}.get(name, 1_000_000)
+    if value > high:
+        raise ProcessorError(f"{name} must be at most {high:g}, got {value!r}")
 
 
 def read_json(path: Path) -> dict[str, Any]:

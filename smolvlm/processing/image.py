@@ -16,6 +16,7 @@ Tiles leave this file as uint8 (3, H, W); normalisation to float happens in `pix
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import math
 import time
@@ -79,7 +80,10 @@ class OpenedImage:
         if isinstance(self.source, np.ndarray):
             return _rgb_from_array(self.source)
         if not self.from_file:
-            return _rgb_from_pil(self.source)
+            try:
+                return _rgb_from_pil(self.source)
+            except (OSError, ValueError) as e:  # a lazily opened file that is truncated, a closed image
+                raise ProcessorError(f"the PIL image cannot be read: {e}") from e
         try:
             image = self.source
             image.load()  # decode now so truncated files fail here, with the name attached
@@ -120,8 +124,12 @@ def _open_bytes(data: bytes, name: str) -> OpenedImage:
 
 def _read_path(path: str | Path, max_bytes: int | None = None) -> bytes:
     path = Path(path)
-    if not path.is_file():
-        raise ProcessorError(f"image file not found: {path}")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise ProcessorError(f"cannot read image file {str(path)[:200]!r}: {e}") from None
+    if not found:
+        raise ProcessorError(f"image file not found: {str(path)[:300]}")
     max_bytes = FILE_MAX_BYTES if max_bytes is None else max_bytes
     try:
         size = path.stat().st_size
@@ -142,7 +150,7 @@ def fetch_url(url: str, timeout_s: float | None = None, max_bytes: int | None = 
     deadline = time.monotonic() + timeout_s
     chunks, size = [], 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with _OPENER.open(url, timeout=timeout_s) as response:
             while True:
                 if time.monotonic() > deadline:
                     raise ProcessorError(f"cannot fetch {url}: not done within {timeout_s:g} s")
@@ -153,13 +161,37 @@ def fetch_url(url: str, timeout_s: float | None = None, max_bytes: int | None = 
                 size += len(chunk)
                 if size > max_bytes:
                     raise ProcessorError(f"{url} is larger than the {max_bytes}-byte limit")
+    except ProcessorError:
+        raise
     except OSError as e:  # URLError, HTTPError, socket timeouts are all OSError
-        raise ProcessorError(f"cannot fetch {url}: {e}") from e
+        raise ProcessorError(f"cannot fetch {url[:200]}: {e}") from e
+    except (ValueError, UnicodeError, http.client.HTTPException) as e:  # a malformed URL (bad port, IPv6, control characters)
+        raise ProcessorError(f"cannot fetch {url[:200]!r}: not a valid URL ({type(e).__name__}: {e})") from None
     return b"".join(chunks)
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: a server must not send us to ftp:// or file://."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise ProcessorError(f"cannot fetch {req.full_url[:200]}: it redirects to {newurl[:200]!r}, not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# http(s) only: no ftp/file handlers at all, and redirects checked
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (urllib.request.HTTPHandler, urllib.request.HTTPSHandler, _HttpOnlyRedirects,
+                 urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPErrorProcessor):
+    _OPENER.add_handler(_handler())
+
+
 def _decode_data_uri(uri: str) -> bytes:
+    if uri.startswith("data:") and "," not in uri:
+        raise ProcessorError(f"a data: URI needs a ',' before its data ({uri[:40]!r}...)")
     payload = uri.split(",", 1)[1] if uri.startswith("data:") else uri
+    if len(payload) > URL_MAX_BYTES * 4 // 3 + 4:  # base64: 4 characters per 3 bytes
+        raise ProcessorError(f"base64 image data is larger than the {URL_MAX_BYTES}-byte limit")
     try:
         return base64.b64decode(payload, validate=False)
     except ValueError as e:
@@ -191,6 +223,8 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
         raise ProcessorError(f"numpy image has no channel axis of size 1, 3 or 4: shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ProcessorError(f"numpy image is empty: shape {array.shape}")
+    if array.shape[0] * array.shape[1] > (Image.MAX_IMAGE_PIXELS or 1 << 62):  # PIL's decompression-bomb bound
+        raise ProcessorError(f"numpy image of {array.shape[0]}x{array.shape[1]} pixels is larger than {Image.MAX_IMAGE_PIXELS}")
     return array
 
 
@@ -229,6 +263,8 @@ def open_image(item: dict[str, Any], trusted: bool = True) -> OpenedImage:
     if isinstance(source, Image.Image):
         if source.width == 0 or source.height == 0:
             raise ProcessorError(f"PIL image is empty: size {source.size}")
+        if source.width * source.height > (Image.MAX_IMAGE_PIXELS or 1 << 62):
+            raise ProcessorError(f"PIL image of {source.size} pixels is larger than {Image.MAX_IMAGE_PIXELS}")
         return OpenedImage(source, "PIL image", from_file=False)
     if isinstance(source, np.ndarray):
         _channels_last(source)  # checked now, converted by rgb()

@@ -95,12 +95,16 @@ def _content_items(messages: Messages, index: int) -> Messages:
     for m, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ProcessorError(f"conversation {index}, message {m}: expected a dict with a 'role', got {message!r:.80}")
+        if not isinstance(message["role"], str) or not message["role"]:
+            raise ProcessorError(f"conversation {index}, message {m}: 'role' must be a non-empty string, got {message['role']!r:.80}")
         message = {k: v for k, v in message.items() if v is not None}
         content = message.get("content", [])
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
             raise ProcessorError(f"conversation {index}, message {m}: content must be a string or a list")
+        if not content:
+            raise ProcessorError(f"conversation {index}, message {m}: content is empty (give a text, image or video item)")
         items = []
         for c, item in enumerate(content):
             where = f"conversation {index}, message {m}, item {c}"

@@ -163,8 +163,12 @@ def probe_video(path: str | Path, settings: VideoSettings, backend: str = "auto"
         raise ProcessorError(f"unknown video backend {backend!r} (decord, pyav or auto)")
     path = Path(path)
     try:
-        if not path.is_file():
-            raise ProcessorError(f"video file not found: {path}")
+        try:
+            found = path.is_file()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte
+            raise ProcessorError(f"cannot read video file {str(path)[:200]!r}: {e}") from None
+        if not found:
+            raise ProcessorError(f"video file not found: {str(path)[:300]}")
         return (_probe_decord if backend == "decord" else _probe_pyav)(str(path), settings)
     except ProcessorError:
         if trusted:
