@@ -180,11 +180,36 @@ def check_flags(args):
     """The flags' values, before the model loads (seconds, on CPU); returns the SamplingParams."""
     if args.kv_cache_gb is not None and not (math.isfinite(args.kv_cache_gb) and args.kv_cache_gb > 0):
         raise CLIError(f"--kv-cache-gb must be a positive number, got {args.kv_cache_gb}")
-    if args.video_fps is not None and not (math.isfinite(args.video_fps) and args.video_fps > 0):
-        raise CLIError(f"--video-fps must be a positive number, got {args.video_fps}")
-    if args.video_max_frames is not None and args.video_max_frames < 1:
-        raise CLIError(f"--video-max-frames must be at least 1, got {args.video_max_frames}")
+    if args.kv_cache_gb is not None and args.kv_cache_gb * (1 << 30) < (1 << 20):
+        raise CLIError(f"--kv-cache-gb must be at least 0.001 (1 MiB), got {args.kv_cache_gb}")
+    if args.video_fps is not None and not (math.isfinite(args.video_fps) and 0 < args.video_fps <= 1000):
+        raise CLIError(f"--video-fps must be a number in (0, 1000], got {args.video_fps}")
+    if args.video_max_frames is not None and not 1 <= args.video_max_frames <= 10_000:
+        raise CLIError(f"--video-max-frames must be between 1 and 10000, got {args.video_max_frames}")
+    if args.video and "://" in args.video:
+        raise CLIError(f"--video takes a local file, not a URL: {args.video}")
+    check_device(args)
     return sampling_params(args)
+
+
+def check_device(args) -> None:
+    """--device and --attention-backend against this machine, before the model loads."""
+    import torch
+
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if device.type not in ("cpu", "cuda"):
+            raise CLIError(f"--device {args.device}: only cpu and cuda are supported")
+    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if getattr(args, "attention_backend", "auto") == "triton" and not on_cuda:
+        raise CLIError("--attention-backend triton runs on CUDA only; on CPU use auto or torch")
 
 
 def processor_options(args) -> dict:
@@ -207,12 +232,18 @@ def answer(engine, messages, params, options, show_stats: bool) -> str:
     first = None
     pieces = []
     stream = engine.stream(messages, params, **options)
-    for piece in stream:
-        if first is None:
-            first = time.perf_counter() - start
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in stream:
+            if first is None:
+                first = time.perf_counter() - start
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except BaseException:
+        if pieces:  # end the partial answer's line: the error (and the next answer) start on their own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     sys.stdout.flush()
     if show_stats:
@@ -265,8 +296,14 @@ def chat(args) -> int:
         if command == "/reset":  # a new conversation: no history, no media waiting for the next question
             messages, pending_images, pending_video = [], [], None
             continue
+        if command.startswith("/") and command not in ("/image", "/video"):
+            print(f"error: unknown command {command} (/help lists them)", file=sys.stderr)
+            continue
         if command in ("/image", "/video"):
             path = rest.strip()
+            if not path:
+                print(f"error: usage: {command} PATH", file=sys.stderr)
+                continue
             try:
                 check_media([path])
             except CLIError as e:

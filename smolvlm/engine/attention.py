@@ -17,6 +17,8 @@ place host-side lists become the step's tensors); nothing is global.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +234,11 @@ def make_backend(
             raise ValueError(f"attention_backend='cpu' takes float32 or bfloat16 models, not {dtype}; use 'torch'")
         return CpuBackend(cpu_kernels)
     if name == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"attention_backend='triton' runs on CUDA (on CPU only in Triton's interpreter, TRITON_INTERPRET=1, "
+                f"for testing); this model is on {device.type}: use 'auto'"
+            )
         try:
             return TritonBackend()
         except ImportError as e:

@@ -47,6 +47,8 @@ class ImageSettings:
             raise ProcessorError(
                 f"image sizes must be positive, got longest_edge={self.longest_edge}, tile_size={self.tile_size}"
             )
+        if self.resample not in range(6):
+            raise ProcessorError(f"image resample must be a PIL filter code 0..5 (1 = LANCZOS), got {self.resample}")
         _check_normalization(self)
 
 
@@ -87,6 +89,8 @@ class VideoSettings:
             raise ProcessorError(f"video sizes must be positive, got resize={self.resize}, frame_size={self.frame_size}")
         if not (math.isfinite(self.skip_secs) and self.skip_secs >= 0):
             raise ProcessorError(f"video skip_secs must be finite and >= 0, got {self.skip_secs}")
+        if self.resample not in (1, 2, 3):
+            raise ProcessorError(f"video resample must be 1 (LANCZOS), 2 (BILINEAR) or 3 (BICUBIC), got {self.resample}")
         _check_normalization(self)
 
 
@@ -177,7 +181,7 @@ def _longest_edge(cfg: dict[str, Any], key: str, path: Path) -> int:
     value = cfg.get(key)
     if not isinstance(value, dict) or "longest_edge" not in value:
         raise ProcessorError(f"{path}: `{key}` must be {{'longest_edge': N}}, got {value!r}")
-    return int(value["longest_edge"])
+    return _whole(value["longest_edge"], f"{path.name}: {key}.longest_edge")
 
 
 def _common(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +269,25 @@ def find_chat_template(directory: Path, processor_cfg: dict[str, Any]) -> str:
 
 
 def load_processor_config(directory: Path, context_length: int | None = None) -> ProcessorConfig:
-    """Read every processor file of a checkpoint directory. `context_length` overrides config.json."""
+    """Read every processor file of a checkpoint directory. `context_length` overrides config.json.
+    A value of the wrong type (a string where a number belongs, a list for an object) raises
+    ProcessorError naming the directory, never a bare TypeError from deep inside."""
+    try:
+        return _load_processor_config(directory, context_length)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        if isinstance(e, ProcessorError):
+            raise
+        raise ProcessorError(f"{directory}: a processor config file holds a malformed value ({type(e).__name__}: {e})") from None
+
+
+def _whole(value: Any, what: str) -> int:
+    """An int from a config value; 64.7 or "64" are refused, not truncated."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ProcessorError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _load_processor_config(directory: Path, context_length: int | None) -> ProcessorConfig:
     pre_path = directory / "preprocessor_config.json"
     if not pre_path.is_file():
         raise ProcessorError(f"{directory} has no preprocessor_config.json")
@@ -306,7 +328,7 @@ def load_processor_config(directory: Path, context_length: int | None = None) ->
     return ProcessorConfig(
         image=image,
         video=video,
-        image_seq_len=int(proc["image_seq_len"]),
+        image_seq_len=_whole(proc["image_seq_len"], "processor_config.json: image_seq_len"),
         chat_template=find_chat_template(directory, proc),
         context_length=context_length,
         tokens=tokens,
