@@ -179,3 +179,13 @@ def test_compare_with_transformers_smoke(tmp_path, tiny_ckpt):
     for name in ("vision.post_layernorm", "connector", "text.norm", "logits"):  # the same arithmetic, same inputs
         assert rows[name]["max_abs"] == 0.0 and positive(rows[name]["ref_max_abs"]), rows[name]
     assert rows["logits (end to end)"]["max_abs"] <= 1e-4
+
+
+def test_bench_ab_smoke(tmp_path):
+    report_path = tmp_path / "ab.json"
+    result = run_tool("bench_ab.py", "--json", report_path)  # this tree against HEAD, tiny checkpoint
+    report = json.loads(report_path.read_text())
+    assert report["against"] == "HEAD" and set(report["medians"]) == {"this tree", "HEAD"}
+    for medians in report["medians"].values():
+        assert positive(medians["forward_s"]) and positive(medians["decode_tok_s"]), medians
+    assert "| ratio this / HEAD |" in result.stdout and "CPU:" in result.stdout

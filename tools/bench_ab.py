@@ -11,6 +11,9 @@ child process per version, alternating A B A B (so machine noise hits both alike
     engine      Engine.generate decode rate, --new-tokens tokens after that prompt (tokens/s)
 
 Printed: the median over rounds of each, per version, and the ratio this/REV. --json writes them.
+The Python package `smolvlm` comes from each tree (PYTHONPATH); the installed kernel packages
+(`smolvlm_kernels`, `smolvlm_cpu_kernels`) are this environment's for both, so compare revisions
+whose kernels/ agree, or rebuild.
 Run it on an otherwise idle machine; the CPU model is printed with the numbers.
 """
 
