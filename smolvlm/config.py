@@ -249,5 +249,12 @@ class SmolVLMConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: should hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as e:  # a section of the wrong type, a string for a number
+            raise ConfigError(f"{path}: a malformed value ({type(e).__name__}: {e})") from None
 

@@ -25,6 +25,15 @@ from smolvlm.vision import VisionAttentionFn, VisionTransformer, patch_mask_from
 from smolvlm.weights import huge_page_arena, load_weights, release_freed_memory, resolve_checkpoint
 
 
+def _dtype(dtype) -> torch.dtype:
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if isinstance(dtype, str) and dtype in names:
+        return names[dtype]
+    if dtype not in names.values():
+        raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or their names), got {dtype!r}")
+    return dtype
+
+
 class ImageTokenMismatchError(ValueError):
     """The number of `<image>` tokens in the prompt differs from the number of image features."""
 
@@ -55,7 +64,9 @@ class SmolVLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> "SmolVLM":
-        """Load a checkpoint directory (or hub repo id): config.json + safetensors, strictly."""
+        """Load a checkpoint directory (or hub repo id): config.json + safetensors, strictly.
+        dtype: a torch dtype, or its name ("float32", "bfloat16", "float16")."""
+        dtype = _dtype(dtype)
         directory = resolve_checkpoint(path_or_repo_id)
         config = SmolVLMConfig.from_file(directory / "config.json")
         with torch.device("meta"):  # no random init, no memory until the real tensors arrive

@@ -152,3 +152,16 @@ def test_smolvlm_explain_writes_the_picture(tiny_ckpt, tmp_path, photos):
     bad = subprocess.run([sys.executable, "-m", "smolvlm.cli", "explain", "--model", str(tiny_ckpt), "--layer", "99",
                           "--image", str(photo), "-n", "2", "Hi", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --layer 99: this model has 2 layers (0..1)", bad.stderr
+
+
+def test_smolvlm_explain_draws_video_frames(tiny_ckpt, tmp_path, short_video):
+    out = tmp_path / "frames.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "smolvlm.cli", "explain", "--model", str(tiny_ckpt), "--video", str(short_video),
+         "-n", "3", "--head", "0", "What happens?", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    picture = Image.open(out)
+    assert picture.width >= 3 * 160 and picture.height > 160  # 3 sampled frames in a row, the mass bars below
+    assert "head 0" in run.stderr

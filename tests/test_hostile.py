@@ -255,3 +255,31 @@ def test_chat_names_unknown_commands_and_empty_paths(tiny_ckpt):
     assert out.returncode == 0, out.stderr
     assert "unknown command /bogus" in out.stderr and "usage: /image PATH" in out.stderr
     assert len([line for line in out.stdout.splitlines() if line.strip()]) == 1  # only "Hi" was asked
+
+
+def test_api_edges_are_named(engine, tiny_ckpt, tmp_path):
+    processor = engine.processor
+    with pytest.raises(ProcessorError, match="add_generation_prompt must be True or False"):
+        processor.prepare(user("Hi"), "yes")
+    with pytest.raises(ProcessorError, match="at least one conversation"):
+        processor.collate([])
+    with pytest.raises(ProcessorError, match="non-negative int token ids"):
+        processor.decode([-1])
+    with pytest.raises(ProcessorError, match="non-negative int token ids"):
+        processor.decode(None)
+    assert processor.decode(np.array([40, 41])) == processor.decode([40, 41])
+    from smolvlm import SmolVLM
+    from smolvlm.config import ConfigError
+
+    assert SmolVLM.from_pretrained(tiny_ckpt, dtype="float32").dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype must be"):
+        SmolVLM.from_pretrained(tiny_ckpt, dtype="float64")
+    for f in tiny_ckpt.iterdir():
+        if f.is_file() and f.suffix == ".json":
+            shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for section, value, match in (("text_config", [1], "text_config"), ("vision_config", "big", "vision_config")):
+        broken = {**config, section: value}
+        (tmp_path / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ConfigError, match=match):
+            SmolVLM.from_pretrained(tmp_path)

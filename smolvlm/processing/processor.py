@@ -201,6 +201,9 @@ class Processor:
         `trusted=False` (a caller who must not learn about this machine's files): reading a local
         file fails with one message whatever the reason, so a missing file and an unreadable one
         look the same."""
+        for flag, value in (("add_generation_prompt", add_generation_prompt), ("trusted", trusted)):
+            if not isinstance(value, bool):
+                raise ProcessorError(f"{flag} must be True or False, got {value!r}")
         config = self.config.with_overrides(do_image_splitting, image_longest_edge, video_fps, video_max_frames)
         limit = _prompt_limit(config.context_length, max_prompt_tokens)
         tokens = config.tokens
@@ -319,6 +322,8 @@ class Processor:
         conversation has media, pixel_values (B, N, 3, H, W) float32 and pixel_attention_mask (B, N, H, W) int64."""
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not items:
+            raise ProcessorError("collate needs at least one conversation")
         length = max(len(item.input_ids) for item in items)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None and any(len(item.input_ids) != length for item in items):
@@ -358,6 +363,12 @@ class Processor:
     def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.flatten().tolist()
+        elif hasattr(token_ids, "tolist"):  # numpy
+            token_ids = token_ids.tolist()
+        if not isinstance(token_ids, (list, tuple)) or any(
+            not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in token_ids
+        ):
+            raise ProcessorError(f"decode takes a list of non-negative int token ids, got {str(token_ids)[:80]}")
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
