@@ -20,7 +20,9 @@ A request that cannot run (unreadable image, prompt over the context, a pool too
 non-finite logits, a failed step) finishes alone with `finish_reason="error"` and a message; the
 others in the same call complete. Every request has one consumer of its outputs (a `generate` call,
 a `Stream`, or the callers of `step()` for `add_request`); outputs stepped for another wait in a
-mailbox, so none is lost. One thread at a time (`_exclusive`).
+mailbox, so none is lost. One thread at a time (`_exclusive`). Conversations are prepared (media
+read, decoded, checked) before the engine is entered; `generate` does it in a few threads beside its
+model steps. A model hooked by `smolvlm.research` is refused (`_check_model`).
 Below the conversation level, `add_request` also takes `PromptInputs` (token ids + image tensors +
 content hashes, request.py) directly.
 """
@@ -29,10 +31,10 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import time
 import warnings
 from collections import defaultdict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
