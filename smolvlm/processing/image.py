@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from smolvlm.processing.config import MAX_IMAGE_SIZE, ImageSettings
-from smolvlm.processing.errors import ProcessorError
+from smolvlm.processing.errors import ProcessorError, require_file
 
 URL_TIMEOUT_S = 20.0  # the whole download (connect, headers, body), not each socket read
 URL_MAX_BYTES = 64 * 1024 * 1024  # refuse downloads larger than this
@@ -123,13 +123,7 @@ def _open_bytes(data: bytes, name: str) -> OpenedImage:
 
 
 def _read_path(path: str | Path, max_bytes: int | None = None) -> bytes:
-    path = Path(path)
-    try:
-        found = path.is_file()
-    except (OSError, ValueError) as e:  # a name too long, a NUL byte
-        raise ProcessorError(f"cannot read image file {str(path)[:200]!r}: {e}") from None
-    if not found:
-        raise ProcessorError(f"image file not found: {str(path)[:300]}")
+    path = require_file(path, "image")
     max_bytes = FILE_MAX_BYTES if max_bytes is None else max_bytes
     try:
         size = path.stat().st_size

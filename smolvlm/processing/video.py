@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from smolvlm.processing.config import MAX_IMAGE_SIZE, VideoSettings
-from smolvlm.processing.errors import ProcessorError
+from smolvlm.processing.errors import ProcessorError, require_file
 
 # PIL resample codes -> torch interpolate modes (transformers: pil_torch_interpolation_mapping)
 TORCH_RESIZE_MODES = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -161,14 +161,8 @@ def probe_video(path: str | Path, settings: VideoSettings, backend: str = "auto"
         backend = "decord" if _decord_available() else "pyav"
     if backend not in ("decord", "pyav"):
         raise ProcessorError(f"unknown video backend {backend!r} (decord, pyav or auto)")
-    path = Path(path)
     try:
-        try:
-            found = path.is_file()
-        except (OSError, ValueError) as e:  # a name too long, a NUL byte
-            raise ProcessorError(f"cannot read video file {str(path)[:200]!r}: {e}") from None
-        if not found:
-            raise ProcessorError(f"video file not found: {str(path)[:300]}")
+        path = require_file(path, "video")
         return (_probe_decord if backend == "decord" else _probe_pyav)(str(path), settings)
     except ProcessorError:
         if trusted:
