@@ -54,7 +54,7 @@ def test_one_token_lights_exactly_its_square_of_the_photo(processor, size, split
     half = max(1, int(min(cell_h, cell_w) / 6))
     photo[int(cy) - half : int(cy) + half, int(cx) - half : int(cx) + half] = 255
     item = processor.prepare([{"role": "user", "content": [{"type": "image", "image": photo}]}], do_image_splitting=split)
-    tiles = item.pixel_values if m.rows else item.pixel_values  # (N, 3, 512, 512)
+    tiles = item.pixel_values  # (N, 3, 512, 512)
     chosen_tile = tile_r * cols + tile_c if m.rows else 0
     assert brightest_token(tiles[: rows * cols] if m.rows else tiles, side) == (chosen_tile, a, b)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -63,9 +64,6 @@ def cpu_name() -> str:
 
 
 def measure(tree: Path, model: Path, prompt_tokens: int, new_tokens: int) -> dict:
-    env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(prompt_tokens), str(new_tokens)],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)

@@ -66,11 +66,9 @@ def compare(model_dir: Path, images: list[Path], prompt: str, dtype: torch.dtype
                 row(f"vision.layers.{i}", cache[f"model.vision_model.encoder.layers.{i}"], vision.hidden_states[i + 1])
             row("vision.post_layernorm", cache["model.vision_model"], vision.last_hidden_state)
             row("connector", cache["model.connector"], theirs.model.connector(vision.last_hidden_state))
-        full = theirs(**batch)
+        full = theirs(**batch, output_hidden_states=True)  # its own image path, end to end
         embeds = cache["model.text_model.inputs_embeds"]
-        reference = theirs.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 pixel_values=pixels, pixel_attention_mask=mask, output_hidden_states=True)
-        row("inputs_embeds", embeds, reference.hidden_states[0])
+        row("inputs_embeds", embeds, full.hidden_states[0])
         decoder = theirs(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
         layers = ours.config.text.num_hidden_layers
         for i in range(layers - 1):  # transformers' last hidden state is after the final norm

@@ -233,7 +233,7 @@ class Processor:
         self._check_length(input_ids, limit, index)
         # 3. Pixels.
         tiles, media = [], []
-        for planned, decode in opened:
+        for _, decode in opened:
             uint8_tiles, info = decode()
             tiles.append(uint8_tiles)
             media.append(info)
