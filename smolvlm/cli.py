@@ -3,6 +3,10 @@
     smolvlm run [--model M] [--image P]... [--video P] "prompt"     stream one answer to stdout
     smolvlm chat [--model M] [--image P]... [--video P]             a conversation, one question per line
     smolvlm explain --image P "prompt" --out heat.png                where the answer looked (attention map)
+    smolvlm finetune --model M --data train.jsonl --output DIR       LoRA (or full) fine-tuning
+    smolvlm merge --model M --adapter DIR --output OUT               fold a LoRA adapter into a checkpoint
+
+run, chat and explain take --adapter DIR (a PEFT LoRA adapter, ours or one PEFT wrote).
 
 Errors (a missing image, an unreadable video, a model that cannot be found) print one line to stderr
 and exit with status 1; `--debug` shows the traceback instead. Heavy imports (torch, the model) wait
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cpu-kernels", choices=["auto", "c", "torch"], default="auto",
                        help="CPU decode steps: C kernels compiled at first use (c), plain PyTorch (torch), "
                             "or c when a C compiler is found (auto)")
+    model.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safetensors), "
+                            "merged into the weights at load")
     model.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory for the KV cache in GiB (default: 1 on CPU, half the free GPU memory)")
 
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolvlm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat,explain}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,chat,explain,finetune,merge}")
     run = commands.add_parser("run", parents=[common], help="answer one prompt, streamed to stdout",
                               description="Answer one prompt about the given images / video, streamed to stdout.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +131,85 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--logit-lens", type=int, default=0, metavar="K",
                          help="also print the top K next tokens read from every layer at the position that "
                               "predicted the first answer token (or --token)")
+    add_finetune_parser(commands)
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA adapter into the weights: a checkpoint directory any tool loads",
+        description="Load --model, add the --adapter's low-rank updates to the weights they target (W + alpha/r B A, "
+                    "in fp32), and write a checkpoint directory (config, tokenizer and processor files copied) that "
+                    "this project and transformers load like the original.")
+    merge.add_argument("--model", "-m", required=True, help="the base checkpoint directory or hub repo id")
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="the LoRA adapter directory")
+    merge.add_argument("--output", "-o", required=True, metavar="OUT", help="where to write the merged checkpoint")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="dtype of the written weights (default: float32)")
+    merge.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
+
+
+# smolvlm.train.lora.DECODER_PROJECTIONS (not imported: --help must not load torch)
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_finetune_parser(commands) -> None:
+    f = commands.add_parser(
+        "finetune", help="fine-tune on JSONL conversations: LoRA adapters (PEFT format) or whole parts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune on conversations, one JSON object per line: {\"messages\": [...]} in the format "
+                    "the processor takes (images, several images, videos; relative paths resolve against the file's "
+                    "folder). The loss is on the assistant turns only. Every line is checked before training starts.\n\n"
+                    "Output: a PEFT adapter directory (LoRA only), or a checkpoint directory (with --train), plus "
+                    "metrics.jsonl, loss.png and checkpoint-STEP/ training states for --resume.",
+        epilog="examples:\n"
+               "  smolvlm finetune --model M --data train.jsonl --output out/ --epochs 3\n"
+               "  smolvlm finetune --model M --data train.jsonl --eval-data val.jsonl --output out/ --steps 500 "
+               "--save-every 100\n"
+               "  smolvlm finetune --model M --data train.jsonl --output out/ --lora-rank 0 --train connector,decoder\n"
+               "  smolvlm finetune ... --resume latest          (continue from the newest checkpoint-STEP in --output)\n"
+               "  torchrun --nproc-per-node 2 -m smolvlm.cli finetune ...   (data-parallel, DDP)\n"
+               "then: smolvlm run --model M --adapter out/ --image x.jpg \"...\"")
+    f.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"base checkpoint (default: {DEFAULT_MODEL})")
+    f.add_argument("--data", required=True, metavar="JSONL", help="training conversations")
+    f.add_argument("--eval-data", default=None, metavar="JSONL", help="held-out conversations: loss at the end "
+                   "(and every --eval-every steps)")
+    f.add_argument("--output", "-o", required=True, metavar="DIR")
+    g = f.add_argument_group("what trains")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (0: no adapters; default 8)")
+    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha: the update is scaled by alpha/r (default 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", default=",".join(DECODER_PROJECTIONS),
+                   help="decoder projections that get adapters (default: all seven)")
+    g.add_argument("--train", default="", metavar="PARTS",
+                   help="parts trained in full, comma-separated: vision, connector, decoder (default: none)")
+    g = f.add_argument_group("how long and how fast")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 1)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then cosine decay (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; default 1)")
+    g.add_argument("--batch-size", type=int, default=1, help="conversations per micro-batch per process (default 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype: bfloat16 runs under autocast, weights and optimizer stay fp32")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass (less memory, ~30%% more time)")
+    g.add_argument("--feature-cache-gb", type=float, default=1.0,
+                   help="memory for image features reused across epochs while the vision tower is frozen (0: off)")
+    g = f.add_argument_group("data")
+    g.add_argument("--no-image-splitting", action="store_true", help="one tile per image (fewer tokens, less detail)")
+    g.add_argument("--video-fps", type=float, default=None)
+    g.add_argument("--video-max-frames", type=int, default=None)
+    g.add_argument("--skip-bad-examples", action="store_true",
+                   help="skip lines that cannot be used (reported) instead of stopping at the first")
+    g = f.add_argument_group("bookkeeping")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=0, metavar="K", help="training state every K steps (0: at the end)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="K", help="evaluation every K steps (0: at the end)")
+    g.add_argument("--resume", default=None, metavar="DIR|latest",
+                   help="continue from a checkpoint-STEP directory, or the newest one under --output")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 class CLIError(Exception):
@@ -160,7 +245,8 @@ def load_engine(args):
     if args.kv_cache_gb is not None:  # checked by check_flags
         options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
     return Engine.from_pretrained(
-        args.model, dtype=getattr(torch, dtype_name), device=device, attention_backend=args.attention_backend, **options
+        args.model, dtype=getattr(torch, dtype_name), device=device, attention_backend=args.attention_backend,
+        adapter=args.adapter, **options
     )
 
 
@@ -361,6 +447,11 @@ def explain(args) -> int:
     dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
     directory = resolve_checkpoint(args.model, allow_patterns=CHECKPOINT_PATTERNS)
     model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device)
+    if args.adapter:
+        from smolvlm.train.lora import load_adapter, merge_lora
+
+        load_adapter(model, args.adapter, dtype=torch.float32)
+        merge_lora(model)
     processor = Processor.from_pretrained(directory if Path(args.model).expanduser().is_dir() else args.model)
     options = processor_options(args)
     text = model.config.text
@@ -418,7 +509,59 @@ def _video_frames(path: str, processor, options: dict):
     return [Image.fromarray(frame) for frame in clip.frames]
 
 
-COMMANDS = {"run": run, "chat": chat, "explain": explain}
+def finetune(args) -> int:
+    import torch
+
+    from smolvlm.train.train import FinetuneConfig, finetune as run_finetune
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    config = FinetuneConfig(
+        model=args.model, data=args.data, eval_data=args.eval_data, output=args.output,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        train=tuple(t.strip() for t in args.train.split(",") if t.strip()),
+        steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm or None, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        dtype=args.dtype, device=device, gradient_checkpointing=args.gradient_checkpointing,
+        feature_cache_gb=args.feature_cache_gb, do_image_splitting=False if args.no_image_splitting else None,
+        video_fps=args.video_fps, video_max_frames=args.video_max_frames, skip_bad_examples=args.skip_bad_examples,
+        seed=args.seed, save_every=args.save_every, eval_every=args.eval_every, resume=args.resume,
+        progress=not args.no_progress,
+    )
+    try:
+        config.check()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    result = run_finetune(config)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    evaluation = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
+    skipped = f", {len(result.skipped)} bad examples skipped" if result.skipped else ""
+    what = "adapter" if result.kind == "adapter" else "checkpoint"
+    print(f"{result.steps} steps, final loss {last}{evaluation}{skipped}; {what} written to {result.output} "
+          f"(metrics.jsonl, loss.png)", file=sys.stderr)
+    return 0
+
+
+def merge(args) -> int:
+    import torch
+
+    from smolvlm.model import SmolVLM
+    from smolvlm.train.checkpoint import save_model_dir
+    from smolvlm.train.lora import load_adapter, merge_lora
+    from smolvlm.weights import resolve_checkpoint
+
+    if Path(args.output).expanduser().resolve() == Path(args.model).expanduser().resolve():
+        raise CLIError("--output must differ from --model (the base checkpoint is not overwritten)")
+    directory = resolve_checkpoint(args.model)
+    model = SmolVLM.from_pretrained(directory, dtype=torch.float32)
+    load_adapter(model, args.adapter)
+    count = merge_lora(model)
+    save_model_dir(model, directory, args.output, dtype=getattr(torch, args.dtype))
+    print(f"merged {count} LoRA projections into {args.output}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": run, "chat": chat, "explain": explain, "finetune": finetune, "merge": merge}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,7 +586,7 @@ def describe(error: Exception) -> str:
     name = type(error).__name__
     if name == "CheckpointError":
         return f"{message}\n  (use --model /path/to/checkpoint-directory to run a local copy)"
-    if name in ("CLIError", "ProcessorError", "RequestError", "ConfigError"):
+    if name in ("CLIError", "ProcessorError", "RequestError", "ConfigError", "DataError", "AdapterError", "ResumeError"):
         return message
     return f"{name}: {message}"
 

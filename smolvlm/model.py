@@ -134,16 +134,19 @@ class SmolVLM(nn.Module):
         pixel_values: torch.Tensor,
         pixel_attention_mask: torch.Tensor | None = None,
         attention: VisionAttentionFn = sdpa_attention,
+        *,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """Tiles -> decoder-sized image tokens, (n_real_tiles, image_seq_len, hidden).
 
         pixel_values (B, N, 3, H, W) as the processor gives them (or (N, 3, H, W)); all-zero tiles
         are batch padding and are dropped first (transformers: get_image_features). `attention`:
-        the tower's attention (SDPA, or `smolvlm_kernels.masked_attention` on GPU).
+        the tower's attention (SDPA, or `smolvlm_kernels.masked_attention` on GPU). `checkpoint`:
+        gradient checkpointing per vision layer (training).
         """
         tiles, pixel_mask = self._real_tiles(pixel_values, pixel_attention_mask)
         patch_mask = patch_mask_from_pixels(pixel_mask, self.config.vision.patch_size)  # (N, Hp, Wp)
-        patch_features = self.vision_features(tiles, patch_mask, attention)  # (N, Hp*Wp, Dv)
+        patch_features = self.vision_features(tiles, patch_mask, attention, checkpoint=checkpoint)  # (N, Hp*Wp, Dv)
         return self.model.connector(patch_features)  # (N, image_seq_len, D)
 
     def vision_features(
@@ -151,9 +154,11 @@ class SmolVLM(nn.Module):
         tiles: torch.Tensor,
         patch_attention_mask: torch.Tensor | None = None,
         attention: VisionAttentionFn = sdpa_attention,
+        *,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """The SigLIP tower alone: (N, 3, H, W) -> (N, Hp*Wp, Dv)."""
-        return self.model.vision_model(tiles.to(self.dtype), patch_attention_mask, attention)
+        return self.model.vision_model(tiles.to(self.dtype), patch_attention_mask, attention, checkpoint=checkpoint)
 
     def _real_tiles(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
@@ -210,10 +215,12 @@ class SmolVLM(nn.Module):
         return embeds
 
     def decode(
-        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS,
+        *, checkpoint: bool = False,
     ) -> torch.Tensor:
-        """The decoder stack: embeddings -> final-normed hidden states. `ops`: see ops.py."""
-        return self.model.text_model(inputs_embeds, positions, attention, ops)
+        """The decoder stack: embeddings -> final-normed hidden states. `ops`: see ops.py.
+        `checkpoint`: gradient checkpointing per decoder layer (training)."""
+        return self.model.text_model(inputs_embeds, positions, attention, ops, checkpoint=checkpoint)
 
     def logits(self, hidden: torch.Tensor, ops: Ops = TORCH_OPS) -> torch.Tensor:
         return call_with_ops(self.lm_head, hidden, ops)

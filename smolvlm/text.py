@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules import module as _torch_modules
 
@@ -212,13 +213,19 @@ class TextModel(nn.Module):
                     start += w.shape[0]
 
     def forward(
-        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS,
+        *, checkpoint: bool = False,
     ) -> torch.Tensor:
-        """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden)."""
+        """inputs_embeds (..., hidden), positions (...) int -> hidden (..., hidden).
+        `checkpoint`: gradient checkpointing, one decoder layer at a time (training: activations
+        inside a layer are recomputed in the backward pass instead of kept)."""
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)  # (..., D) each, shared by all layers
         x = self.inputs_embeds(inputs_embeds)
         for layer in self.layers:
-            x = layer(x, cos, sin, attention, ops)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention, ops, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attention, ops)
         return call_with_ops(self.norm, x, ops)
 
 

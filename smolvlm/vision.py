@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from smolvlm.config import VisionConfig
@@ -140,9 +141,13 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attention: VisionAttentionFn,
+                *, checkpoint: bool = False) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, key_mask, attention)
+            if checkpoint and torch.is_grad_enabled():  # gradient checkpointing, one layer at a time
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, attention, use_reentrant=False)
+            else:
+                x = layer(x, key_mask, attention)
         return x
 
 
@@ -161,6 +166,8 @@ class VisionTransformer(nn.Module):
         pixel_values: torch.Tensor,
         patch_attention_mask: torch.Tensor | None = None,
         attention: VisionAttentionFn = sdpa_attention,
+        *,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         n, _, height, width = pixel_values.shape
         p = self.config.patch_size
@@ -170,7 +177,7 @@ class VisionTransformer(nn.Module):
         flat_mask = patch_attention_mask.reshape(n, -1)  # (N, T)
         # A mask only when some key is padding: the unmasked path is the common, faster one.
         key_mask = None if bool(flat_mask.all()) else flat_mask  # (N, T), True = real patch
-        x = self.encoder(x, key_mask, attention)
+        x = self.encoder(x, key_mask, attention, checkpoint=checkpoint)
         return self.post_layernorm(x)
 
 

@@ -5,6 +5,6 @@ pixels.py, tokenizer.py, config.py (which checkpoint file provides what), errors
 """
 
 from smolvlm.processing.errors import ProcessorError
-from smolvlm.processing.processor import MediaItem, ProcessedConversation, Processor
+from smolvlm.processing.processor import LabelledConversation, MediaItem, ProcessedConversation, Processor
 
-__all__ = ["Processor", "ProcessorError", "ProcessedConversation", "MediaItem"]
+__all__ = ["Processor", "ProcessorError", "ProcessedConversation", "LabelledConversation", "MediaItem"]

@@ -86,6 +86,14 @@ class ProcessedConversation:
         return [m.sha256 for m in self.media]
 
 
+@dataclass
+class LabelledConversation:
+    """A conversation for training: its model inputs and, per token, the label (-100: no loss)."""
+
+    item: ProcessedConversation
+    labels: list[int]  # labels[t] = input_ids[t] on assistant tokens; the loss shifts by one
+
+
 def _content_items(messages: Messages, index: int) -> Messages:
     """Validate a conversation and return it in normal form: no None-valued keys, list content
     (a string becomes one text item), OpenAI image_url blocks as image blocks."""
@@ -170,11 +178,15 @@ class Processor:
     # One conversation
     # -----------------------------------------------------------------------------------------
 
-    def render(self, messages: Messages, add_generation_prompt: bool = True, index: int = 0) -> str:
+    def render(self, messages: Messages, add_generation_prompt: bool = True, index: int = 0,
+               *, video_template: bool | None = None) -> str:
         """The chat-template text, placeholders not yet expanded (transformers' apply_chat_template
-        with tokenize=False)."""
+        with tokenize=False). A conversation with a video uses transformers' video template;
+        `video_template` forces the choice (the turns of one conversation render with one template)."""
         messages = _content_items(messages, index)
         has_video = any(item["type"] == "video" for m in messages for item in m["content"])
+        if video_template is not None:
+            has_video = video_template
         template = chat_template.VIDEO_CHAT_TEMPLATE if has_video else self.config.chat_template
         return chat_template.render(
             template, messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
@@ -246,6 +258,55 @@ class Processor:
             raise ProcessorError(f"conversation {index}: image tiles and video frames have different sizes")
         pixel_values = (tiles[0] if len(tiles) == 1 else torch.cat(tiles)) if tiles else None
         return ProcessedConversation(input_ids=input_ids, prompt=prompt, pixel_values=pixel_values, media=media)
+
+    def prepare_labelled(self, messages: Messages, *, index: int = 0, **options: Any) -> LabelledConversation:
+        """A whole conversation for training: `prepare(messages, add_generation_prompt=False)` plus
+        labels, the token to predict at each position (-100: none). Only the assistant turns are
+        labelled, each through its closing end-of-utterance token (what generation stops on; the
+        newline after it is never generated, so it is not learned); the template's "Assistant:" lead,
+        user turns, image tokens and the system prompt are not. Options as for `prepare`.
+
+        How: the tokens of each turn are found by rendering the conversation up to the turn (with
+        the generation prompt, as at inference) and through it; both must be prefixes of the whole
+        conversation's tokens, else the template tokenizes a turn boundary differently and the
+        conversation is refused rather than mislabelled."""
+        messages = _content_items(messages, index)
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not assistant:
+            raise ProcessorError(f"conversation {index}: no assistant turn, so nothing to learn")
+        if assistant[0] == 0:
+            raise ProcessorError(f"conversation {index}: starts with an assistant turn; a user (or system) turn must come first")
+        for i in assistant:
+            if any(item["type"] != "text" for item in messages[i]["content"]):
+                raise ProcessorError(f"conversation {index}, message {i}: an assistant turn holds only text (images and videos go in user turns)")
+            if not "".join(item["text"] for item in messages[i]["content"]).strip():
+                raise ProcessorError(f"conversation {index}, message {i}: the assistant turn is empty")
+        whole = self.prepare(messages, add_generation_prompt=False, index=index, **options)
+        config = self.config.with_overrides(
+            options.get("do_image_splitting"), options.get("image_longest_edge"), options.get("video_fps"),
+            options.get("video_max_frames"))
+        video = any(item["type"] == "video" for m in messages for item in m["content"])
+        end = self.tokenizer.token_to_id(config.tokens.end_of_utterance)
+        labels = [-100] * len(whole.input_ids)
+        for i in assistant:
+            n_media = sum(item["type"] in ("image", "video") for m in messages[:i] for item in m["content"])
+            spans = []
+            for upto, generation_prompt in ((i, True), (i + 1, False)):
+                text = self.render(messages[:upto], generation_prompt, index, video_template=video)
+                ids, _ = self._encode(text, whole.media[:n_media], config)
+                if ids != whole.input_ids[: len(ids)]:
+                    raise ProcessorError(
+                        f"conversation {index}, message {i}: the tokens up to this turn are not a prefix of the "
+                        "whole conversation's tokens (the chat template or tokenizer joins turns differently)")
+                spans.append(len(ids))
+            start, stop = spans
+            closing = [t for t in range(start, stop) if whole.input_ids[t] == end]
+            if not closing:
+                raise ProcessorError(f"conversation {index}, message {i}: the template does not close the turn with "
+                                     f"{config.tokens.end_of_utterance}")
+            for t in range(start, closing[-1] + 1):
+                labels[t] = whole.input_ids[t]
+        return LabelledConversation(whole, labels)
 
     def _encode(self, text: str, media: list[MediaItem], config: ProcessorConfig) -> tuple[list[int], str]:
         """The rendered text with every placeholder expanded for its media item -> (input_ids, prompt)."""
