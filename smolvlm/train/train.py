@@ -16,6 +16,7 @@ The loss is the mean over the step's labelled tokens, whichever process and micr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -227,6 +228,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress", "steps", "epochs", "save_every",
                                                                      "eval_every", "extra")}
     settings["world_size"] = world
+    settings["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()  # the same stream of examples
+    settings = json.loads(json.dumps(settings))  # as state.json holds them (tuples are lists)
     start, losses, eval_losses = 0, [], []
     if config.resume:
         directory = latest_state(output) if config.resume == "latest" else Path(config.resume)
