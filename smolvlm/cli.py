@@ -274,6 +274,8 @@ def check_flags(args):
         raise CLIError(f"--video-max-frames must be between 1 and 10000, got {args.video_max_frames}")
     if args.video and "://" in args.video:
         raise CLIError(f"--video takes a local file, not a URL: {args.video}")
+    if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise CLIError(f"--adapter {args.adapter}: not an adapter directory (no adapter_config.json)")
     check_device(args)
     return sampling_params(args)
 

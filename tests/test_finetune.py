@@ -147,6 +147,38 @@ def test_loss_and_every_gradient_match_transformers_peft_tiny(tiny_ckpt, squares
     compare_gradients(ours.to(dtype), reference.to(dtype), batch, per_tensor=bound, total=bound)
 
 
+def test_lora_alone_with_the_frozen_tower_matches_transformers_peft(tiny_ckpt, squares):
+    """The training default: only the adapters need gradients, so image features come from the frozen
+    tower without autograd, one media item and (on CPU) one tile at a time, through the cache."""
+    from smolvlm.train.loss import FeatureCache
+
+    processor = Processor.from_pretrained(tiny_ckpt)
+    conversations = [[user(image(squares["green"]), image(squares["red"]), text("Colours?")), answer("Green, red.")],
+                     [user(image(squares["blue"]), text("And this?")), answer("Blue.")]]
+    batch = collate(processor, [processor.prepare_labelled(c) for c in conversations], ["a", "b"])
+    ours = ours_with_lora(tiny_ckpt)
+    reference = hf_peft(tiny_ckpt, ours, decoder_targets())
+    for model in (ours, reference):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    cache = FeatureCache(2**26)
+    for attempt in range(2):  # the second time the features come from the cache
+        ours.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        loss = LanguageModelLoss(ours, feature_cache=cache)(batch) / batch.num_labels
+        loss.backward()
+        out = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                        pixel_attention_mask=batch.pixel_attention_mask, labels=batch.labels)
+        out.loss.backward()
+        assert abs(loss.item() - out.loss.item()) <= GRAD_RTOL * out.loss.item()
+        params = dict(ours.named_parameters())
+        for name, ref in reference.named_parameters():
+            if ref.requires_grad:
+                mine = params[name.removeprefix("base_model.model.").replace(".default", "")].grad
+                assert float((mine - ref.grad).norm() / ref.grad.norm()) <= GRAD_RTOL, name
+    assert cache.hits == 3 and cache.misses == 3
+
+
 @pytest.mark.slow
 def test_loss_and_every_gradient_match_transformers_peft_grafted(grafted_ckpt, squares, short_video):
     """The 256M shape (real SmolLM2-135M decoder): 30 layers for rounding to build up in."""
@@ -288,6 +320,8 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_ckpt, squares, tmp_
     b = load_file(tmp_path / "parts" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole" / "loss.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="already holds a fine-tuning run"):  # nothing is overwritten
+        finetune(FinetuneConfig(output=str(tmp_path / "whole"), **common))
     with pytest.raises(ValueError, match="different settings: lr"):
         finetune(FinetuneConfig(output=str(tmp_path / "parts"), resume="latest", **{**common, "lr": 2e-3}))
 
@@ -426,3 +460,60 @@ def test_it_learns_colours_and_answers_held_out_squares_through_the_cli(grafted_
                      str(tmp_path / f"held_{name}.png"), "--no-image-splitting", "-n", "4", "What colour is this?"]) == 0
         said = capsys.readouterr().out.strip()
         assert said.startswith(name.capitalize()), f"held-out {name} square: the model said {said!r} (losses {losses})"
+
+
+def test_cli_flags_and_adapters_are_checked_before_any_work(tiny_ckpt, squares, tmp_path, capsys):
+    from smolvlm.cli import main
+
+    data = write_jsonl(squares["red"].parent / "cli.jsonl", colour_rows(squares, ["red"]))
+    base = ["finetune", "--model", str(tiny_ckpt), "--output", str(tmp_path / "o"), "--no-progress"]
+    for extra, message in (
+        (["--data", str(data), "--lora-rank", "0"], "nothing to train"),
+        (["--data", str(data), "--train", "decoder"], "LoRA on the decoder as well"),
+        (["--data", str(data), "--train", "eyes"], "unknown part"),
+        (["--data", str(data), "--steps", "2", "--epochs", "1"], "not both"),
+        (["--data", str(data), "--dtype", "float32", "--lr", "-1"], "--lr must be a positive"),
+        (["--data", str(tmp_path / "none.jsonl")], "does not exist"),
+        (["--data", str(data), "--lora-targets", "q_proj,eyes"], "unknown LoRA target"),
+        (["--data", str(data), "--resume", "latest"], "no checkpoint-STEP directory"),
+        (["--data", str(tiny_ckpt / "config.json")], "not valid JSON"),
+    ):
+        assert main(base + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert main(["run", "--model", str(tiny_ckpt), "--adapter", str(tmp_path), "hi"]) == 1
+    assert "not an adapter directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    shown = capsys.readouterr().out
+    for option in ("--data", "--eval-data", "--lora-rank", "--lora-alpha", "--lora-targets", "--train", "--steps",
+                   "--epochs", "--lr", "--batch-size", "--grad-accum", "--warmup", "--dtype", "--gradient-checkpointing",
+                   "--seed", "--resume", "--no-image-splitting", "--skip-bad-examples", "--save-every", "torchrun"):
+        assert option in shown, option
+
+
+def test_bfloat16_autocast_trains_close_to_fp32(tiny_ckpt, squares, tmp_path):
+    data = write_jsonl(squares["red"].parent / "bf16.jsonl", colour_rows(squares))
+    runs = {dtype: finetune(FinetuneConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / dtype), steps=2,
+                                           batch_size=3, lr=1e-3, dtype=dtype, progress=False)).losses
+            for dtype in ("float32", "bfloat16")}
+    # bf16 keeps 8 bits of mantissa: each product is within ~2^-8 relative; the mean loss far closer
+    assert all(abs(a - b) <= 0.02 * a for a, b in zip(runs["float32"], runs["bfloat16"])), runs
+
+
+def test_jsonl_with_several_images_a_video_and_text_only_trains_with_the_cache(tiny_ckpt, squares, short_video, tmp_path):
+    folder = squares["red"].parent
+    shutil.copy(short_video, folder / "clip.mp4")
+    rows = [
+        {"messages": [user({"type": "image", "path": "red.png"}, {"type": "image", "path": "green.png"}, text("Which is red?")),
+                      answer("The first.")]},
+        {"messages": [user({"type": "video", "path": "clip.mp4"}, text("What moves?")), answer("The cup.")]},
+        {"messages": [user(text("Say hi.")), answer("Hi.")]},
+    ]
+    data = write_jsonl(folder / "mixed_media.jsonl", rows)
+    processor = Processor.from_pretrained(tiny_ckpt)
+    examples, _ = read_examples(data, processor, {}, progress=False)
+    assert [e.num_labels for e in examples] == [4, 4, 3]  # " The first." / " The cup." / " Hi." + <end_of_utterance>
+    result = finetune(FinetuneConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "o"), epochs=2,
+                                     batch_size=3, lr=1e-3, progress=False))
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses) and result.losses[1] < result.losses[0]

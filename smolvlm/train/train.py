@@ -134,7 +134,8 @@ def step_examples(examples: list[Example], step: int, global_batch: int, seed: i
 
 
 def _distributed() -> tuple[int, int]:
-    """(rank, world size); under torchrun the process group is started here (gloo on CPU, NCCL on GPU)."""
+    """(rank, world size); under torchrun the process group is started here: NCCL when CUDA is
+    available, else gloo (SMOLVLM_DDP_BACKEND=gloo forces gloo, e.g. for CPU processes on a GPU machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -172,6 +173,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                           else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     output = Path(config.output)
     show = config.progress and rank == 0
+    if not config.resume and output.is_dir() and (
+            any(output.glob("checkpoint-*")) or any((output / f).exists() for f in ("adapter_model.safetensors", "model.safetensors"))):
+        raise ValueError(f"{output} already holds a fine-tuning run; pass --resume latest to continue it, "
+                         "or choose another --output (nothing is overwritten)")
 
     # ---------------------------------------------------------------- data (every line checked now)
     base_dir = resolve_checkpoint(config.model)
