@@ -189,3 +189,17 @@ def test_bench_ab_smoke(tmp_path):
     for medians in report["medians"].values():
         assert positive(medians["forward_s"]) and positive(medians["decode_tok_s"]), medians
     assert "| ratio this / HEAD |" in result.stdout and "CPU:" in result.stdout
+
+
+def test_bench_finetune_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "finetune.json"
+    result = run_tool("bench_finetune.py", "--model", tiny_ckpt, "--json", report_path)
+    report = json.loads(report_path.read_text())
+    sides = {r["side"]: r for r in report["results"]}
+    assert list(sides) == ["smolvlm", "peft", "smolvlm-cached"]
+    for r in sides.values():
+        assert len(r["step_s"]) == 2 and all(positive(t) for t in r["step_s"]) and positive(r["peak_steps_mb"]), r
+        assert r["trainable"] == sides["peft"]["trainable"] > 0  # the same adapters on both sides
+    # the same weights and tensors: the first step's loss agrees (B = 0, so the adapters change nothing yet)
+    assert abs(sides["smolvlm"]["losses"][0] - sides["peft"]["losses"][0]) <= 1e-5 * sides["peft"]["losses"][0]
+    assert [row[0] for row in table_rows(result.stdout, "smolvlm")] == ["smolvlm"]

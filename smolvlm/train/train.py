@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -178,6 +179,27 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         raise ValueError(f"{output} already holds a fine-tuning run; pass --resume latest to continue it, "
                          "or choose another --output (nothing is overwritten)")
 
+    # The settings a resumed run must share with the run that wrote its checkpoint (checked now,
+    # before the data and the model are read): what changes the numbers or the stream of examples.
+    settings = {k: v for k, v in asdict(config).items() if k not in (
+        "resume", "progress", "steps", "epochs", "save_every", "eval_every", "extra", "output", "device", "feature_cache_gb")}
+    settings["world_size"] = world
+    if not Path(config.data).is_file():
+        raise DataError(f"training data {config.data} does not exist")
+    settings["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()  # the same stream of examples
+    settings = json.loads(json.dumps(settings))  # as state.json holds them (tuples are lists)
+    resume = None
+    if config.resume:
+        directory = latest_state(output) if config.resume == "latest" else Path(config.resume)
+        if directory is None:
+            raise ResumeError(f"--resume latest: no checkpoint-STEP directory under {output}")
+        saved = read_state(directory)
+        changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+        if changed:
+            raise ResumeError(f"{directory} was written by a run with different settings: "
+                              + ", ".join(f"{k} {saved.get('settings', {}).get(k)!r} -> {settings[k]!r}" for k in changed))
+        resume = directory, saved
+
     # ---------------------------------------------------------------- data (every line checked now)
     base_dir = resolve_checkpoint(config.model)
     processor = Processor.from_pretrained(base_dir)
@@ -230,21 +252,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
 
     # ---------------------------------------------------------------- resume
-    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress", "steps", "epochs", "save_every",
-                                                                     "eval_every", "extra")}
-    settings["world_size"] = world
-    settings["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()  # the same stream of examples
-    settings = json.loads(json.dumps(settings))  # as state.json holds them (tuples are lists)
     start, losses, eval_losses = 0, [], []
-    if config.resume:
-        directory = latest_state(output) if config.resume == "latest" else Path(config.resume)
-        if directory is None:
-            raise ResumeError(f"--resume latest: no checkpoint-STEP directory under {output}")
-        saved = read_state(directory)
-        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k] and k != "output")
-        if changed:
-            raise ResumeError(f"{directory} was written by a run with different settings: "
-                              + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {settings[k]!r}" for k in changed))
+    if resume is not None:
+        directory, saved = resume
         rng = load_state(directory, model, optimizer)
         torch.set_rng_state(rng[f"cpu_rank{rank}"])
         if f"cuda_rank{rank}" in rng and torch.cuda.is_available():
@@ -262,6 +272,27 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         metrics_path.write_text("".join(line + "\n" for line in kept))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext()
 
+    def batch_of(chosen: list[Example]):
+        """The examples decoded and padded. They were checked at the start, so a failure here means a
+        file changed since: with --skip-bad-examples the example is dropped and reported, else it stops
+        the run naming its line."""
+        try:
+            return make_batch(processor, chosen, options)
+        except DataError as e:
+            if not config.skip_bad_examples:
+                raise
+            good = []
+            for example in chosen:
+                try:
+                    make_batch(processor, [example], options)
+                    good.append(example)
+                except DataError as bad:
+                    skipped.append(str(bad))
+                    print(f"skipping {bad}", file=sys.stderr)
+            if not good and world > 1:  # every process must take part in each step
+                raise DataError(f"a whole micro-batch became unreadable during training ({e})") from None
+            return make_batch(processor, good, options) if good else None
+
     def evaluate(step: int) -> float:
         """Mean loss per labelled token over the evaluation data (this process's share, then summed)."""
         model.eval()
@@ -269,7 +300,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         mine = eval_examples[rank::world]
         with torch.no_grad(), autocast:
             for i in range(0, len(mine), config.batch_size):
-                batch = make_batch(processor, mine[i : i + config.batch_size], options)
+                batch = batch_of(mine[i : i + config.batch_size])
+                if batch is None:
+                    continue
                 loss_sum += float(objective(batch))
                 tokens += batch.num_labels
         model.train()
@@ -302,7 +335,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         chosen = step_examples(examples, step, global_batch, config.seed)
         micro = [chosen[(j * world + rank) * config.batch_size : (j * world + rank + 1) * config.batch_size]
                  for j in range(config.grad_accum)]
-        batches = [make_batch(processor, m, options) for m in micro]  # DataError if a file changed since the check
+        batches = [batch_of(m) for m in micro]
+        batches = [b for b in batches if b is not None]
         local_tokens = sum(b.num_labels for b in batches)
         step_tokens = _sum([float(local_tokens)], world, device)[0]
         loss_sum = 0.0
