@@ -554,6 +554,9 @@ def merge(args) -> int:
 
     if Path(args.output).expanduser().resolve() == Path(args.model).expanduser().resolve():
         raise CLIError("--output must differ from --model (the base checkpoint is not overwritten)")
+    out = Path(args.output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"--output {args.output} exists and is not empty (nothing is overwritten)")
     directory = resolve_checkpoint(args.model)
     model = SmolVLM.from_pretrained(directory, dtype=torch.float32)
     load_adapter(model, args.adapter)

@@ -257,7 +257,9 @@ def test_bad_adapters_are_refused_by_name_and_leave_the_model_alone(tiny_ckpt, t
     good = ours_with_lora(tiny_ckpt)
     save_adapter(good, tmp_path / "a", LoraConfig(r=4, lora_alpha=8), base_model="x")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    for change, message in (({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "only LORA"), ({"r": 3}, "does not fit")):
+    for change, message in (({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "only LORA"), ({"r": 3}, "does not fit"),
+                            ({"init_lora_weights": "pissa"}, "also changes the base weights"),
+                            ({"use_magic": 2}, "does not know")):
         bad = tmp_path / f"bad{len(message)}"
         shutil.copytree(tmp_path / "a", bad)
         (bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
@@ -305,15 +307,19 @@ def test_bad_lines_are_named_and_can_be_skipped(tiny_ckpt, squares, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_ckpt, squares, tmp_path):
     data = write_jsonl(squares["red"].parent / "colours.jsonl", colour_rows(squares) * 2)
-    common = dict(model=str(tiny_ckpt), data=str(data), steps=6, batch_size=2, lr=1e-3, lora_dropout=0.2,
-                  do_image_splitting=False, progress=False)
+    common = dict(model=str(tiny_ckpt), data=str(data), eval_data=str(data), eval_every=2, steps=6, batch_size=1,
+                  grad_accum=2, lr=1e-3, lora_dropout=0.2, do_image_splitting=False, progress=False)
     whole = finetune(FinetuneConfig(output=str(tmp_path / "whole"), **common))
     first = finetune(FinetuneConfig(output=str(tmp_path / "parts"), save_every=3, **common))
     assert first.losses == whole.losses  # checkpointing does not disturb the run
     (tmp_path / "parts" / "checkpoint-6").rename(tmp_path / "later")  # resume from step 3, not the end
+    with pytest.raises(ValueError, match="belongs to a run of 6 steps; this one would be 7"):
+        finetune(FinetuneConfig(output=str(tmp_path / "parts"), resume="latest", **{**common, "steps": 7}))
     resumed = finetune(FinetuneConfig(output=str(tmp_path / "parts"), resume="latest", **common))
-    assert resumed.losses == whole.losses
-    logged = [json.loads(line)["loss"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed.losses == whole.losses and resumed.eval_losses == whole.eval_losses
+    assert [s for s, _ in whole.eval_losses] == [2, 4, 6]
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
     assert logged == whole.losses and len(set(whole.losses)) == 6
     from safetensors.torch import load_file
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
@@ -420,6 +426,7 @@ def test_two_processes_match_one_with_the_doubled_batch(tiny_ckpt, squares, tmp_
     one = finetune(FinetuneConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "one"), steps=3, lr=1e-3,
                                   batch_size=2, progress=False))
     two_losses = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two_losses) == len(one.losses) == 3
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(two_losses, one.losses)), (two_losses, one.losses)
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
@@ -499,6 +506,7 @@ def test_bfloat16_autocast_trains_close_to_fp32(tiny_ckpt, squares, tmp_path):
             for dtype in ("float32", "bfloat16")}
     # bf16 keeps 8 bits of mantissa: each product is within ~2^-8 relative; the mean loss far closer
     assert all(abs(a - b) <= 0.02 * a for a, b in zip(runs["float32"], runs["bfloat16"])), runs
+    assert runs["float32"] != runs["bfloat16"]  # autocast did run in bf16
 
 
 def test_jsonl_with_several_images_a_video_and_text_only_trains_with_the_cache(tiny_ckpt, squares, short_video, tmp_path):
@@ -517,3 +525,12 @@ def test_jsonl_with_several_images_a_video_and_text_only_trains_with_the_cache(t
     result = finetune(FinetuneConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "o"), epochs=2,
                                      batch_size=3, lr=1e-3, progress=False))
     assert result.steps == 2 and all(math.isfinite(x) for x in result.losses) and result.losses[1] < result.losses[0]
+
+
+def test_accumulating_micro_batches_follows_the_same_curve_as_one_batch(tiny_ckpt, squares, tmp_path):
+    data = write_jsonl(squares["red"].parent / "accum.jsonl", colour_rows(squares) + colour_rows(squares, ["blue"]))
+    common = dict(model=str(tiny_ckpt), data=str(data), steps=3, lr=1e-3, progress=False)
+    one = finetune(FinetuneConfig(output=str(tmp_path / "one"), batch_size=4, **common)).losses
+    accumulated = finetune(FinetuneConfig(output=str(tmp_path / "acc"), batch_size=1, grad_accum=4, **common)).losses
+    assert len(one) == len(accumulated) == 3
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(one, accumulated)), (one, accumulated)

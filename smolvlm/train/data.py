@@ -101,12 +101,12 @@ def label(processor: Processor, messages: list[dict[str, Any]], source: str, opt
 
 
 def read_examples(path: str | Path, processor: Processor, options: dict[str, Any], *, skip_bad: bool = False,
-                  progress: bool = True) -> tuple[list[Example], list[str]]:
+                  progress: bool = True, what: str = "training data") -> tuple[list[Example], list[str]]:
     """Check every line of a JSONL file -> (examples, one message per skipped line).
     Without `skip_bad`, the first bad line raises DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"training data {path} does not exist")
+        raise DataError(f"{what} {path} does not exist")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:

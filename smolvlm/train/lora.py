@@ -49,6 +49,13 @@ _UNSUPPORTED = {
     "exclude_modules": None, "layer_replication": None, "trainable_token_indices": None, "target_parameters": None,
     "use_qalora": False, "alora_invocation_tokens": None,
 }
+# Fields that say nothing about what the adapter computes (bookkeeping), or that this code reads.
+_NEUTRAL = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+            "peft_version", "megatron_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+            "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights"}
+# init_lora_weights values that only choose the starting A and B; "pissa", "olora", "corda", "loftq",
+# "eva", ... also rewrite the base weights, so such an adapter added to the original weights is wrong.
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 class AdapterError(ValueError):
@@ -59,8 +66,10 @@ def decoder_targets(names: list[str] | tuple[str, ...] = DECODER_PROJECTIONS) ->
     """A regular expression (PEFT's `target_modules` as a string: a full match of the module name)
     for the named projections of every decoder layer, and nothing in the vision tower."""
     unknown = [n for n in names if n not in _DECODER_PARENT]
-    if unknown or not names:
-        raise AdapterError(f"unknown LoRA target(s) {unknown or names}: choose among {', '.join(DECODER_PROJECTIONS)}")
+    if not names:
+        raise AdapterError(f"no LoRA target given: choose among {', '.join(DECODER_PROJECTIONS)}")
+    if unknown:
+        raise AdapterError(f"unknown LoRA target(s) {unknown}: choose among {', '.join(DECODER_PROJECTIONS)}")
     groups = []
     for parent in ("self_attn", "mlp"):
         chosen = [n for n in DECODER_PROJECTIONS if n in names and _DECODER_PARENT[n] == parent]
@@ -107,11 +116,13 @@ class LoraConfig:
 
     def to_peft(self, base_model: str) -> dict:
         """adapter_config.json, with the fields `peft.PeftConfig.from_pretrained` needs."""
+        # only fields PEFT has known for a long time, so older PEFT versions read it too
         return {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": self.r,
             "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout, "target_modules": self.target_modules,
-            "use_rslora": self.use_rslora, "init_lora_weights": True, "inference_mode": True,
-            **_UNSUPPORTED,
+            "use_rslora": self.use_rslora, "init_lora_weights": True, "inference_mode": True, "bias": "none",
+            "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         }
 
     @classmethod
@@ -120,10 +131,13 @@ class LoraConfig:
             raise AdapterError(f"{where}: expected a JSON object")
         if config.get("peft_type") != "LORA":
             raise AdapterError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-        for key in _UNSUPPORTED:
-            value = config.get(key)
-            if value not in (None, {}, [], False, "none"):  # set to something that changes the computation
-                raise AdapterError(f"{where}: {key}={value!r} is not supported (this implementation does plain LoRA)")
+        for key, value in config.items():  # anything set that may change the computation is refused
+            if key not in _NEUTRAL and value not in (None, {}, [], False, "none"):
+                known = "is not supported" if key in _UNSUPPORTED else "is a field this implementation does not know"
+                raise AdapterError(f"{where}: {key}={value!r} {known} (plain LoRA only; refused rather than half-applied)")
+        if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+            raise AdapterError(f"{where}: init_lora_weights={config['init_lora_weights']!r} also changes the base weights "
+                               "(convert the adapter to plain LoRA with PEFT first); plain LoRA only")
         missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
         if missing:
             raise AdapterError(f"{where}: missing {', '.join(missing)}")

@@ -100,8 +100,16 @@ class FinetuneConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16 (float16 training needs loss scaling), got {self.dtype!r}")
-        if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0 or self.feature_cache_gb < 0:
-            raise ValueError("--warmup, --save-every, --eval-every and --feature-cache-gb must be >= 0")
+        if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0 or self.feature_cache_gb < 0 \
+                or self.weight_decay < 0 or (self.max_grad_norm is not None and not self.max_grad_norm >= 0):
+            raise ValueError("--warmup, --save-every, --eval-every, --feature-cache-gb, --weight-decay and "
+                             "--max-grad-norm must be >= 0")
+        if self.lora_rank:  # the adapter's settings, before any data is read
+            try:
+                LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                           target_modules=decoder_targets(list(self.lora_targets)))
+            except AdapterError as e:
+                raise ValueError(str(e)) from None
 
 
 @dataclass
@@ -154,11 +162,20 @@ def _sum(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-def _rng_state(rank: int) -> dict[str, torch.Tensor]:
-    state = {f"cpu_rank{rank}": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state[f"cuda_rank{rank}"] = torch.cuda.get_rng_state()
-    return state
+def _rng_states(rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's random-generator state (uint8 tensors of a fixed size), gathered as tensors."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return {f"{kind}_rank0": state for kind, state in mine.items()}
+    out = {}
+    for kind, state in mine.items():
+        local = state.to(device)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        out.update({f"{kind}_rank{r}": g.cpu() for r, g in enumerate(gathered)})
+    return out
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
@@ -169,9 +186,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     from smolvlm.weights import resolve_checkpoint
 
     config.check()
+    device = torch.device(config.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")  # one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives and CUDA random state act on the current device
     rank, world = _distributed()
-    device = torch.device(config.device if world == 1 or not config.device.startswith("cuda")
-                          else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     output = Path(config.output)
     show = config.progress and rank == 0
     if not config.resume and output.is_dir() and (
@@ -208,7 +228,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     examples, skipped = read_examples(config.data, processor, options, skip_bad=config.skip_bad_examples, progress=show)
     eval_examples = []
     if config.eval_data:
-        eval_examples, eval_skipped = read_examples(config.eval_data, processor, options,
+        eval_examples, eval_skipped = read_examples(config.eval_data, processor, options, what="evaluation data",
                                                     skip_bad=config.skip_bad_examples, progress=show)
         skipped += eval_skipped
     if skipped and show:
@@ -257,9 +277,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         directory, saved = resume
         rng = load_state(directory, model, optimizer)
         torch.set_rng_state(rng[f"cpu_rank{rank}"])
-        if f"cuda_rank{rank}" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng[f"cuda_rank{rank}"])
+        if f"cuda_rank{rank}" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng[f"cuda_rank{rank}"], device)
         start, losses, eval_losses = saved["step"], saved["losses"], [tuple(e) for e in saved["eval_losses"]]
+        if saved.get("total_steps") != total_steps:  # the learning-rate schedule depends on the run's length
+            raise ResumeError(f"{directory} belongs to a run of {saved.get('total_steps')} steps; this one would be "
+                              f"{total_steps} (give the same --steps / --epochs as the run it continues)")
     else:
         torch.manual_seed(config.seed + rank)  # dropout differs between processes, as their data does
 
@@ -310,17 +333,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         return loss_sum / max(tokens, 1)
 
     def checkpoint(step: int) -> None:
-        rngs = _rng_state(rank)
-        if world > 1:  # every process's generator, so each resumes its own dropout stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rngs.items()})
-            rngs = {k: v for g in gathered for k, v in g.items()}
+        rngs = _rng_states(rank, world, device)  # every process's, so each resumes its own dropout stream
         if rank == 0:
             directory = output / f"checkpoint-{step}"
             save_state(directory, model, optimizer, rngs,
-                       {"step": step, "settings": settings, "losses": losses, "eval_losses": eval_losses,
+                       {"step": step, "total_steps": total_steps, "settings": settings, "losses": losses,
+                        "eval_losses": eval_losses,
                         "examples": len(examples), "skipped": len(skipped)})
-            if lora:
+            if lora and not config.train:  # a usable adapter as of this step (with --train, parts are not in it)
                 save_adapter(model, directory, lora, base_model=str(config.model))
         if world > 1:
             dist.barrier()
