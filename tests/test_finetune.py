@@ -150,7 +150,7 @@ def test_loss_and_every_gradient_match_transformers_peft_tiny(tiny_ckpt, squares
 def test_lora_alone_with_the_frozen_tower_matches_transformers_peft(tiny_ckpt, squares):
     """The training default: only the adapters need gradients, so image features come from the frozen
     tower without autograd, one media item and (on CPU) one tile at a time, through the cache."""
-    from smolvlm.train.loss import FeatureCache
+    from smolvlm.engine.runner import VisionFeatureCache
 
     processor = Processor.from_pretrained(tiny_ckpt)
     conversations = [[user(image(squares["green"]), image(squares["red"]), text("Colours?")), answer("Green, red.")],
@@ -161,11 +161,11 @@ def test_lora_alone_with_the_frozen_tower_matches_transformers_peft(tiny_ckpt, s
     for model in (ours, reference):
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
-    cache = FeatureCache(2**26)
+    objective = LanguageModelLoss(ours, feature_cache=VisionFeatureCache(2**26))
     for attempt in range(2):  # the second time the features come from the cache
         ours.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
-        loss = LanguageModelLoss(ours, feature_cache=cache)(batch) / batch.num_labels
+        loss = objective(batch) / batch.num_labels
         loss.backward()
         out = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                         pixel_attention_mask=batch.pixel_attention_mask, labels=batch.labels)
@@ -176,7 +176,7 @@ def test_lora_alone_with_the_frozen_tower_matches_transformers_peft(tiny_ckpt, s
             if ref.requires_grad:
                 mine = params[name.removeprefix("base_model.model.").replace(".default", "")].grad
                 assert float((mine - ref.grad).norm() / ref.grad.norm()) <= GRAD_RTOL, name
-    assert cache.hits == 3 and cache.misses == 3
+    assert objective.cache_hits == 3 and objective.cache_misses == 3
 
 
 @pytest.mark.slow

@@ -107,12 +107,13 @@ def child(side: str, args: dict, queue) -> None:
     if side.startswith("smolvlm"):
         from smolvlm.model import SmolVLM
         from smolvlm.train.lora import LoraConfig, add_lora
-        from smolvlm.train.loss import FeatureCache, LanguageModelLoss
+        from smolvlm.engine.runner import VisionFeatureCache
+        from smolvlm.train.loss import LanguageModelLoss
 
         model = SmolVLM.from_pretrained(args["model"])
         model.requires_grad_(False)
         add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-        objective = LanguageModelLoss(model, feature_cache=FeatureCache(2**30) if side == "smolvlm-cached" else None)
+        objective = LanguageModelLoss(model, feature_cache=VisionFeatureCache(2**30) if side == "smolvlm-cached" else None)
 
         def loss_of(batch):
             return objective(batch) / batch.num_labels

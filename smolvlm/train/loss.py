@@ -8,8 +8,8 @@ memory and time but not the numbers:
   sequence: a prompt with one split image is ~1,000 tokens, and its logits would be
   1,000 x 49,280 floats (plus their gradient) for a few dozen labels;
 - when nothing in the vision tower and the connector is trained, image features are computed
-  without autograd and, given a `FeatureCache`, kept by content hash: a later epoch skips the tower
-  for images it has seen.
+  without autograd and, given a cache (the engine's `VisionFeatureCache`: content hash -> features,
+  LRU within a byte budget), kept by content hash: a later epoch skips the tower for images it has seen.
 
 It returns the *sum* of the token losses; the caller divides by the number of labelled tokens of
 the whole optimizer step (all micro-batches, all processes), so gradient accumulation and several
@@ -18,52 +18,23 @@ processes give the gradient of one big batch's mean loss.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm.engine.runner import VisionFeatureCache
 from smolvlm.linear import Linear, linear
 from smolvlm.text import CausalAttention
 from smolvlm.train.data import IGNORE, Batch
 
 
-class FeatureCache:
-    """Image features of frozen vision + connector by content hash (LRU, bounded in bytes)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self.entries:
-            return
-        self.entries[key] = value
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-
-
 class LanguageModelLoss(nn.Module):
-    def __init__(self, model: nn.Module, *, checkpoint: bool = False, feature_cache: FeatureCache | None = None):
+    def __init__(self, model: nn.Module, *, checkpoint: bool = False, feature_cache: VisionFeatureCache | None = None):
         super().__init__()
         self.model = model
         self.checkpoint = checkpoint
         self.feature_cache = feature_cache
+        self.cache_hits = self.cache_misses = 0  # media items found in / missing from the cache
 
     def vision_frozen(self) -> bool:
         parts = (self.model.model.vision_model, self.model.model.connector)
@@ -88,6 +59,9 @@ class LanguageModelLoss(nn.Module):
                 start = 0
                 for key, tiles in items:
                     features = None if self.feature_cache is None else self.feature_cache.get(key)
+                    if self.feature_cache is not None:
+                        self.cache_hits += features is not None
+                        self.cache_misses += features is None
                     if features is None:
                         pixels = batch.pixel_values[row, start : start + tiles].to(device)  # (tiles, 3, H, W)
                         mask = batch.pixel_attention_mask[row, start : start + tiles].to(device)  # (tiles, H, W)

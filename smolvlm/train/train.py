@@ -32,7 +32,8 @@ import torch.distributed as dist
 from smolvlm.train.checkpoint import ResumeError, latest_state, load_state, read_state, save_model_dir, save_state
 from smolvlm.train.data import DataError, Example, make_batch, read_examples
 from smolvlm.train.lora import DECODER_PROJECTIONS, AdapterError, LoraConfig, add_lora, decoder_targets, merge_lora, save_adapter
-from smolvlm.train.loss import FeatureCache, LanguageModelLoss
+from smolvlm.engine.runner import VisionFeatureCache
+from smolvlm.train.loss import LanguageModelLoss
 from smolvlm.train.plot import loss_curve
 
 PARTS = ("vision", "connector", "decoder")
@@ -257,7 +258,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     trained_vision = bool({"vision", "connector"} & set(config.train))
     cache = None  # frozen tower: an image seen before need not go through it again
     if not trained_vision and config.feature_cache_gb > 0:
-        cache = FeatureCache(int(config.feature_cache_gb * 2**30))
+        cache = VisionFeatureCache(int(config.feature_cache_gb * 2**30))
     objective = LanguageModelLoss(model, checkpoint=config.gradient_checkpointing, feature_cache=cache)
     runner = objective
     if world > 1:  # the model already sits on this process's device; batches move in the objective
@@ -407,8 +408,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             save_model_dir(model, base_dir, output)
         loss_curve(list(enumerate(losses, 1)), eval_losses, output / "loss.png",
                    f"{Path(config.data).name}: {total_steps} steps, batch {global_batch}, lr {config.lr:g}")
-        if show and cache is not None and cache.hits:
-            print(f"image features reused {cache.hits} times (vision tower frozen)")
+        if show and objective.cache_hits:
+            print(f"image features reused {objective.cache_hits} times (vision tower frozen)")
     if world > 1:
         dist.barrier()
     return FinetuneResult(output, total_steps, losses, eval_losses, skipped, kind)
