@@ -5,8 +5,9 @@
     smolvlm explain --image P "prompt" --out heat.png                where the answer looked (attention map)
     smolvlm finetune --model M --data train.jsonl --output DIR       LoRA (or full) fine-tuning
     smolvlm merge --model M --adapter DIR --output OUT               fold a LoRA adapter into a checkpoint
+    smolvlm serve --model M [--port 8000]                            an OpenAI-compatible HTTP server
 
-run, chat and explain take --adapter DIR (a PEFT LoRA adapter, ours or one PEFT wrote).
+run, chat, explain and serve take --adapter DIR (a PEFT LoRA adapter, ours or one PEFT wrote).
 
 Errors (a missing image, an unreadable video, a model that cannot be found) print one line to stderr
 and exit with status 1; `--debug` shows the traceback instead. Heavy imports (torch, the model) wait
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also print the top K next tokens read from every layer at the position that "
                               "predicted the first answer token (or --token)")
     add_finetune_parser(commands)
+    add_serve_parser(commands)
     merge = commands.add_parser(
         "merge", help="fold a LoRA adapter into the weights: a checkpoint directory any tool loads",
         description="Load --model, add the --adapter's low-rank updates to the weights they target (W + alpha/r B A, "
@@ -144,6 +146,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the written weights (default: float32)")
     merge.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    s = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat completions, images and video, streaming)",
+        description="Serve POST /v1/chat/completions (OpenAI's schema; image_url and vLLM's video_url parts; "
+                    "stream: true for server-sent events), GET /v1/models, /health and /metrics (Prometheus). "
+                    "One engine batches every client's requests. SIGTERM or Ctrl-C drains: requests in flight "
+                    "finish, then the server exits 0. Needs the serve extra: pip install \"smolvlm[serve]\".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = s.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default: {DEFAULT_MODEL})")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the name clients pass as `model` (default: the --model value)")
+    g.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter, merged at load")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available)")
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--cpu-kernels", choices=["auto", "c", "torch"], default="auto")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: 1 GiB on CPU, half the free GPU memory)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length, prompt + answer (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
+    g = s.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed at start)")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY on /v1/* (default: $SMOLVLM_API_KEY if set, else none)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let requests name local files (file:// or paths) under DIR; none otherwise")
+    g.add_argument("--max-request-bytes", type=int, default=100 * 1024 * 1024,
+                   help="largest request body; more is a 413 (default 100 MiB)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait beyond --max-num-seqs; more get 503 + Retry-After (default 64)")
+    g.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM, seconds requests in flight may take to finish (default 60)")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="debug also logs every request")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 # smolvlm.train.lora.DECODER_PROJECTIONS (not imported: --help must not load torch)
@@ -232,7 +274,7 @@ def user_turn(text: str, images: list[str], video: str | None) -> dict:
     return {"role": "user", "content": content}
 
 
-def load_engine(args):
+def load_engine(args, **engine_options):
     import torch
 
     from smolvlm.engine import Engine
@@ -241,7 +283,7 @@ def load_engine(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    options = {"cpu_kernels": args.cpu_kernels}
+    options = {"cpu_kernels": args.cpu_kernels, **{k: v for k, v in engine_options.items() if v is not None}}
     if args.kv_cache_gb is not None:  # checked by check_flags
         options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
     return Engine.from_pretrained(
@@ -566,7 +608,46 @@ def merge(args) -> int:
     return 0
 
 
-COMMANDS = {"run": run, "chat": chat, "explain": explain, "finetune": finetune, "merge": merge}
+def serve(args) -> int:
+    try:
+        import smolvlm.serve.app  # noqa: F401 - its dependencies, before the model loads
+    except ImportError as e:
+        raise CLIError(f'smolvlm serve needs the serve extra ({e.name} is missing): pip install "smolvlm[serve]"') from None
+    from smolvlm.serve import serve as run_server
+    from smolvlm.serve.app import ServerConfig
+
+    for name, low in (("max_num_seqs", 1), ("max_request_bytes", 1), ("max_queue", 0)):
+        if getattr(args, name) < low:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise CLIError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise CLIError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
+    media = args.allowed_local_media_path
+    if media is not None and not Path(media).expanduser().is_dir():
+        raise CLIError(f"--allowed-local-media-path {media}: not a directory")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SMOLVLM_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise CLIError("--api-key must not be empty")
+    args.stats = False
+    if args.kv_cache_gb is not None and not (math.isfinite(args.kv_cache_gb) and args.kv_cache_gb * (1 << 30) >= (1 << 20)):
+        raise CLIError(f"--kv-cache-gb must be at least 0.001 (1 MiB), got {args.kv_cache_gb}")
+    if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise CLIError(f"--adapter {args.adapter}: not an adapter directory (no adapter_config.json)")
+    check_device(args)
+    config = ServerConfig(
+        model_name=args.served_model_name or args.model, api_key=api_key,
+        allowed_local_media_path=None if media is None else Path(media).expanduser(),
+        max_request_bytes=args.max_request_bytes, max_waiting=args.max_queue,
+    )
+    engine = load_engine(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    return run_server(engine, config, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                      log_level=args.log_level)
+
+
+COMMANDS = {"run": run, "chat": chat, "explain": explain, "finetune": finetune, "merge": merge, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,16 @@ class _Request:
         self.output = output  # None without a processor (token ids only)
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
+        self.logprobs = [] if seq.params.logprobs is not None else None  # TokenLogprob per generated token
+        self.logprobs_sent = 0  # how many of them outputs have carried
+
+    def new_logprobs(self) -> list:
+        """The log-probabilities no output has carried yet."""
+        if not self.logprobs:
+            return []
+        new = self.logprobs[self.logprobs_sent :]
+        self.logprobs_sent = len(self.logprobs)
+        return new
 
 
 class Engine:
@@ -396,7 +406,7 @@ class Engine:
             if seq.num_computed_tokens == seq.num_cached_tokens and seq.num_cached_tokens:
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
         try:
-            sampled, failed = self.runner.execute(batch, images)
+            sampled, failed, logprobs = self.runner.execute(batch, images)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
             for seq in batch.seqs:  # what the step wrote into their blocks is not to be trusted
                 message = f"request {seq.seq_id}: the model step failed: {type(e).__name__}: {e}"
@@ -410,12 +420,14 @@ class Engine:
             self.kv_cache.scrub(self.scheduler.finish(batch.seqs[i], "error", message, discard=True))
             outputs.append(self._finalize(batch.seqs[i]))
 
-        for seq, token in zip(batch.seqs, sampled):
+        for i, (seq, token) in enumerate(zip(batch.seqs, sampled)):
             if token is None:
                 continue
             request = self.requests[seq.seq_id]
             if request.first_token_at is None:
                 request.first_token_at = time.perf_counter()
+            if request.logprobs is not None and i in logprobs:
+                request.logprobs.append(logprobs[i])
             text = ""
             if request.output is not None:
                 if request.output.add(token):  # a stop string
@@ -424,8 +436,10 @@ class Engine:
                     text = request.output.new_text()
             if seq.is_finished:
                 outputs.append(self._finalize(seq))
-            elif text:
-                outputs.append(StepOutput(seq.seq_id, text))
+            elif text or request.logprobs:
+                new = request.new_logprobs()
+                if text or new:
+                    outputs.append(StepOutput(seq.seq_id, text, logprobs=new))
         return outputs
 
     def _finalize(self, seq: Sequence) -> StepOutput:
@@ -445,8 +459,9 @@ class Engine:
             time_to_first_token=None if request is None or request.first_token_at is None
             else request.first_token_at - request.arrival,
             total_time=None if request is None else time.perf_counter() - request.arrival,
+            logprobs=None if request is None or request.logprobs is None else list(request.logprobs),
         )
-        return StepOutput(seq.seq_id, rest, result)
+        return StepOutput(seq.seq_id, rest, result, logprobs=[] if request is None else request.new_logprobs())
 
     # ------------------------------------------------------------------ high level
 

@@ -7,10 +7,20 @@ still turn out to be the start of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from smolvlm.engine.detokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its position
+    (`SamplingParams.logprobs`), from the model's raw logits."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -24,6 +34,7 @@ class GenerationResult:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
     time_to_first_token: float | None = None  # seconds from add_request to the first sampled token
     total_time: float | None = None  # seconds from add_request to the end
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -31,6 +42,7 @@ class StepOutput:
     request_id: int
     text: str  # new text since the last step ('' when a token completes no character yet)
     result: GenerationResult | None = None  # set when the request finished this step
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last output
 
 
 class TextOutput:

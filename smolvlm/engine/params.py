@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +25,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens, on top of the model's eos / <end_of_utterance>
     ignore_eos: bool = False  # keep going after eos (benchmarks)
     skip_special_tokens: bool = True  # for the detokenised `text`
+    # None = off; k >= 0: each generated token's log-probability under the model (its raw logits,
+    # before temperature, penalties and top-k/p, as vLLM and OpenAI report them) and the k most likely
+    # alternatives, k <= MAX_LOGPROBS (OpenAI's `top_logprobs` limit)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Checked at the door, types and ranges, NaN and infinities rejected (`x <= 0` is False for
@@ -34,6 +40,8 @@ class SamplingParams:
         _real("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         if self.seed is not None:
             _int("seed", self.seed, low=0, high=2**63 - 1)
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # a lone string is one stop string
         try:
             stop = tuple(stop)

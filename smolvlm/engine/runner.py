@@ -24,6 +24,7 @@ import torch
 from smolvlm.engine.attention import AttentionMetadata, PagedAttention, vision_attention_for
 from smolvlm.engine.cuda_graphs import CudaGraphDecoder
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.engine.outputs import TokenLogprob
 from smolvlm.engine.sampler import Sampler
 from smolvlm.engine.scheduler import ScheduledBatch
 from smolvlm.engine.sequence import ImageSpan, Sequence
@@ -144,11 +145,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
-    ) -> tuple[list[int | None], dict[int, str]]:
+    ) -> tuple[list[int | None], dict[int, str], dict[int, TokenLogprob]]:
         """Run the model over the step's tokens. Returns the sampled token of each entry that reaches
-        its end (else None), and the entries whose logits were not finite (index -> message): those
-        sample nothing and must fail, alone. `images[i]`: entry i's image positions and features
-        (from `image_inputs`), or None."""
+        its end (else None), the entries whose logits were not finite (index -> message): those
+        sample nothing and must fail, alone, and the log-probabilities of the sampled tokens whose
+        request asked for them (index -> TokenLogprob). `images[i]`: entry i's image positions and
+        features (from `image_inputs`), or None."""
         input_ids, positions, metadata = self.build_metadata(batch)  # (N,), (N,)
         sampling = [i for i in range(len(batch)) if batch.samples(i)]
         decode_only = batch.num_decodes == len(batch) == len(sampling) and all(e is None for e in images)
@@ -160,7 +162,7 @@ class ModelRunner:
             attention = PagedAttention(self.kv_cache, metadata, self.backend)
             hidden = self.model.decode(embeds, positions, attention, self.ops)  # (N, hidden)
             if not sampling:
-                return [None] * len(batch), {}
+                return [None] * len(batch), {}, {}
             ends = list(itertools.accumulate(metadata.query_lens))  # entry i's last token is at ends[i] - 1
             last = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
             logits = self.model.logits(hidden[last], self.ops).float()  # (S, vocab)
@@ -182,7 +184,9 @@ class ModelRunner:
                     failed[i] = (f"request {batch.seqs[i].seq_id}: no token could be sampled: temperature "
                                  f"{p.temperature:g} / repetition_penalty {p.repetition_penalty:g} overflow the logits")
                 out[i] = token
-        return out, failed
+            logprobs = _logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+            return out, failed, {sampling[j]: lp for j, lp in logprobs.items()}
+        return out, failed, {}
 
     def _flat_images(
         self, batch: ScheduledBatch, images: list[tuple[list[int], torch.Tensor] | None]
@@ -204,3 +208,20 @@ class ModelRunner:
             return None, self._no_image_positions
         features = rows[0] if len(rows) == 1 else torch.cat(rows)  # (R, hidden)
         return features, torch.tensor(flat_index, dtype=torch.int64, device=self.device)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int | None], wanted: list[int | None]) -> dict[int, TokenLogprob]:
+    """Row j -> its sampled token's log-probability and its `wanted[j]` most likely alternatives, for
+    the rows that asked (`wanted[j]` not None) and sampled a token. logits (S, vocab) fp32, raw."""
+    rows = [j for j, (k, t) in enumerate(zip(wanted, tokens)) if k is not None and t is not None]
+    if not rows:
+        return {}
+    logp = logits[rows].log_softmax(dim=-1)  # (W, vocab)
+    chosen = logp.gather(1, torch.tensor([[tokens[j]] for j in rows], device=logp.device))[:, 0].tolist()  # (W,)
+    k = max(wanted[j] for j in rows)
+    top_values, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))  # (W, k)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return {
+        j: TokenLogprob(tokens[j], chosen[n], tuple(zip(top_ids[n][: wanted[j]], top_values[n][: wanted[j]])))
+        for n, j in enumerate(rows)
+    }

@@ -1,0 +1,188 @@
+"""One thread owns the engine; the HTTP handlers (asyncio) hand it requests and get outputs back.
+
+    loop = EngineLoop(engine); loop.start()
+    handle = loop.submit(prompt, params)        # from the event loop: prompt already prepared
+    async for output in handle: ...             # StepOutputs, the last one with the result
+    loop.abort(handle)                          # the client went away: the request ends, its KV blocks free
+    loop.stop()                                 # after the server has drained
+
+An Engine serves one thread at a time (its `_exclusive` rule), so every engine call happens here:
+`add_request`, `step` and `abort` of all clients, in one loop. Each step advances every running
+request at once (continuous batching). Media are read and decoded before `submit`, by the handlers'
+worker threads (`Engine.prepare` touches no engine state), so a slow download delays no one else.
+After every step the loop publishes a `Snapshot` (running, waiting, KV blocks in use) that other
+threads read without touching the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from smolvlm.engine import Engine, SamplingParams
+from smolvlm.engine.outputs import StepOutput
+from smolvlm.engine.request import PromptInputs
+
+log = logging.getLogger("smolvlm.serve")
+IDLE_WAIT_S = 0.25  # how often an idle loop looks at the stop flag
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    running: int = 0
+    waiting: int = 0  # admitted to the engine, not yet running
+    kv_blocks_used: int = 0  # blocks referenced by running requests (cached free blocks not counted)
+    kv_blocks_total: int = 0
+    steps: int = 0
+
+
+class Handle:
+    """One request's outputs, for the event-loop side: `async for output in handle`."""
+
+    def __init__(self, prompt: PromptInputs, params: SamplingParams, event_loop: asyncio.AbstractEventLoop):
+        self.prompt = prompt
+        self.params = params
+        self.request_id: int | None = None  # set by the loop thread once the engine took it
+        self.aborted = False
+        self._event_loop = event_loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def _post(self, item: StepOutput | BaseException) -> None:
+        """From the loop thread: hand one output (or the error that ended the request) over."""
+        try:
+            self._event_loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> "Handle":
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._queue is None:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue = None
+            raise item
+        if item.result is not None:
+            self._queue = None  # the next call ends the iteration
+        return item
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.snapshot = Snapshot(kv_blocks_total=engine.block_manager.num_blocks)
+        self._inbox: queue.Queue = queue.Queue()  # ("add", Handle) / ("abort", Handle)
+        self._handles: dict[int, Handle] = {}  # request id -> its handle, while it runs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="smolvlm-engine-loop", daemon=True)
+        self.error: BaseException | None = None  # what killed the loop, if anything did
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Abort whatever still runs and end the thread."""
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, prompt: PromptInputs, params: SamplingParams) -> Handle:
+        """Queue a prepared request; call from the event loop. Outputs (or a RequestError) arrive on the handle."""
+        if not self.alive:
+            raise RuntimeError("the engine loop is not running")
+        handle = Handle(prompt, params, asyncio.get_running_loop())
+        self._inbox.put(("add", handle))
+        return handle
+
+    def abort(self, handle: Handle) -> None:
+        """End a request early (any thread). Harmless if it already finished."""
+        if not handle.aborted:
+            handle.aborted = True
+            self._inbox.put(("abort", handle))
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                busy = engine.has_unfinished()
+                self._drain_inbox(block=not busy)
+                if not engine.has_unfinished():
+                    continue
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # noqa: BLE001 - an engine bug: fail what runs, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
+                    continue
+                for output in outputs:
+                    self._dispatch(output)
+                self._publish()
+        except BaseException as e:  # noqa: BLE001 - recorded for /health; the handlers see it as a dead loop
+            self.error = e
+            log.exception("the engine loop died")
+        finally:
+            self._fail_all(RuntimeError("the server is shutting down"))
+            self._publish()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._publish()
+
+    def _handle(self, kind: str, handle: Handle | None) -> None:
+        if kind == "add" and not handle.aborted:
+            try:
+                handle.request_id = self.engine.add_request(handle.prompt, handle.params)
+            except Exception as e:  # noqa: BLE001 - RequestError (over the context...): that request alone
+                handle._post(e)
+                return
+            self._handles[handle.request_id] = handle
+        elif kind == "abort" and handle.request_id is not None and handle.request_id in self._handles:
+            del self._handles[handle.request_id]
+            self.engine.abort(handle.request_id)
+
+    def _dispatch(self, output: StepOutput) -> None:
+        handle = self._handles.get(output.request_id)
+        if handle is None:
+            return
+        if output.result is not None:
+            del self._handles[output.request_id]
+        handle._post(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, handle in list(self._handles.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - failing everything anyway
+                pass
+            handle._post(error)
+        self._handles.clear()
+
+    def _publish(self) -> None:
+        engine = self.engine
+        self.snapshot = Snapshot(
+            running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting),
+            kv_blocks_used=engine.block_manager.num_used_blocks,
+            kv_blocks_total=engine.block_manager.num_blocks,
+            steps=engine.stats.steps,
+        )
