@@ -203,3 +203,16 @@ def test_bench_finetune_smoke(tmp_path, tiny_ckpt):
     # the same weights and tensors: the first step's loss agrees (B = 0, so the adapters change nothing yet)
     assert abs(sides["smolvlm"]["losses"][0] - sides["peft"]["losses"][0]) <= 1e-5 * sides["peft"]["losses"][0]
     assert [row[0] for row in table_rows(result.stdout, "smolvlm")] == ["smolvlm"]
+
+
+def test_bench_serve_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "serve.json"
+    result = run_tool("bench_serve.py", "--model", tiny_ckpt, "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert [r["concurrency"] for r in report["sweep"]] == [1, 2]
+    for r in report["sweep"]:
+        assert r["requests"] == 4 and len(r["ttft"]) == 4 and all(positive(t) for t in r["ttft"]), r
+        assert positive(r["requests_per_s"]) and r["tokens"] == 4 * 4  # 4 requests x max_tokens 4 (no eos in 4 tokens)
+    single = report["single"]
+    assert len(single["rows"]) == 2 and positive(single["total_ratio"])
+    assert [row[0] for row in table_rows(result.stdout, "server (HTTP + SSE)")] == ["server (HTTP + SSE)"]
