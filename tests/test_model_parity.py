@@ -201,8 +201,12 @@ def test_tiny_partial_tiles(models, photos, dtype):
     _compare_stages(ours, theirs, batch, dtype, truth=truth)
 
 
-@pytest.mark.parametrize("kind", ["real", "grafted"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# bf16 on the grafted checkpoint only: "real" has the same shapes with random weights everywhere, so
+# its bf16 run (200 s of transformers' bf16 on CPU) would check the same arithmetic a second time.
+@pytest.mark.parametrize(
+    "kind,dtype", [("real", torch.float32), ("grafted", torch.float32), ("grafted", torch.bfloat16)],
+    ids=["fp32-real", "fp32-grafted", "bf16-grafted"],
+)
 def test_real_shape_images(models, photos, kind, dtype):
     ours, theirs, ckpt = models(kind, dtype)
     truth = models(kind, torch.float32)[0] if dtype == torch.bfloat16 else None

@@ -433,3 +433,19 @@ def test_busy_server_and_sigterm_drain(tiny_ckpt, tmp_path, engine):
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
+
+
+def test_engine_logprobs_per_request(engine):
+    """Engine level: only the requests that ask get logprobs; greedy picks the top-1; the limit is checked."""
+    conversations = [[{"role": "user", "content": "One."}], [{"role": "user", "content": "Two, three."}]]
+    with_lp, without = engine.generate(conversations, [SamplingParams(max_new_tokens=5, logprobs=2),
+                                                       SamplingParams(max_new_tokens=5)])
+    assert without.logprobs is None
+    assert [e.token_id for e in with_lp.logprobs] == with_lp.token_ids
+    for entry in with_lp.logprobs:
+        assert len(entry.top) == 2 and entry.top[0][0] == entry.token_id and entry.top[0][1] == entry.logprob
+        assert entry.top[0][1] >= entry.top[1][1] and entry.logprob <= 0
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(TypeError, match="logprobs"):
+        SamplingParams(logprobs=True)

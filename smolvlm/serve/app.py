@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -73,14 +74,18 @@ def error_response(e: BadRequest) -> JSONResponse:
 class Server:
     """The state of one app: the engine loop, the media threads, the counters."""
 
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, loop_thread: bool = True):
         if engine.processor is None:
             raise ValueError("the server needs an engine with a processor (Engine.from_pretrained)")
         self.engine = engine
         self.config = config
         self.loop = EngineLoop(engine)
+        self.loop_thread = loop_thread  # False: the caller runs `self.loop.run()` (smolvlm.serve.serve)
         self.metrics = Metrics()
-        self.media = ThreadPoolExecutor(config.media_threads, thread_name_prefix="smolvlm-media")
+        # One PyTorch thread per media thread: no OpenMP team of their own, which would slow the
+        # engine's (loop.py: libgomp stops spinning once OpenMP threads outnumber the CPUs).
+        self.media = ThreadPoolExecutor(config.media_threads, thread_name_prefix="smolvlm-media",
+                                        initializer=torch.set_num_threads, initargs=(1,))
         self.capacity = engine.config.max_num_seqs + config.max_waiting
         self.active = 0  # admitted requests not yet answered (event loop only)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
@@ -286,7 +291,8 @@ class Server:
     @asynccontextmanager
     async def lifespan(self, app: Starlette):
         self._created = protocol.now()
-        self.loop.start()
+        if self.loop_thread:
+            self.loop.start()
         log.info("serving %s (context %d tokens, %d KV blocks)", self.config.model_name, self.engine.max_model_len,
                  self.engine.block_manager.num_blocks)
         try:
@@ -427,9 +433,10 @@ def _byte_of_char() -> dict[str, int]:
 _BYTE_OF_CHAR = _byte_of_char()
 
 
-def create_app(engine: Engine, config: ServerConfig) -> Starlette:
-    """The ASGI app for `engine` (which it owns from now on: one loop thread calls it)."""
-    server = Server(engine, config)
+def create_app(engine: Engine, config: ServerConfig, loop_thread: bool = True) -> Starlette:
+    """The ASGI app for `engine` (which it owns from now on: one loop thread calls it). `loop_thread`:
+    the app starts that thread itself; False: the caller runs `app.state.server.loop.run()`."""
+    server = Server(engine, config, loop_thread)
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"

@@ -1,6 +1,6 @@
 """One thread owns the engine; the HTTP handlers (asyncio) hand it requests and get outputs back.
 
-    loop = EngineLoop(engine); loop.start()
+    loop = EngineLoop(engine); loop.start()     # its own thread (or loop.run(): this thread, until stop)
     handle = loop.submit(prompt, params)        # from the event loop: prompt already prepared
     async for output in handle: ...             # StepOutputs, the last one with the result
     loop.abort(handle)                          # the client went away: the request ends, its KV blocks free
@@ -12,6 +12,12 @@ request at once (continuous batching). Media are read and decoded before `submit
 worker threads (`Engine.prepare` touches no engine state), so a slow download delays no one else.
 After every step the loop publishes a `Snapshot` (running, waiting, KV blocks in use) that other
 threads read without touching the engine.
+
+`smolvlm serve` runs the loop in the main thread (`run`) and the HTTP server in another: the C
+kernels and PyTorch parallelise over OpenMP, and libgomp stops spinning between parallel regions
+once a process holds more OpenMP threads than CPUs; the main thread's team, made when the model
+loaded, is then the only one (the media threads run PyTorch on one thread each, app.py). Measured on
+2 cores: the same decode 10-20 % slower from a second thread.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from smolvlm.engine import Engine, SamplingParams
 from smolvlm.engine.outputs import StepOutput
@@ -79,21 +88,38 @@ class EngineLoop:
         self._inbox: queue.Queue = queue.Queue()  # ("add", Handle) / ("abort", Handle)
         self._handles: dict[int, Handle] = {}  # request id -> its handle, while it runs
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="smolvlm-engine-loop", daemon=True)
+        self._thread: threading.Thread | None = None  # set by start(); run() uses the caller's thread
+        self._running = False
         self.error: BaseException | None = None  # what killed the loop, if anything did
+        # PyTorch's thread count is per thread, and a new thread starts from the last count any thread
+        # set (the media threads set 1): the loop sets its own, that of the thread that made it.
+        self.num_threads = torch.get_num_threads()
 
     def start(self) -> None:
+        """Run the loop in a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="smolvlm-engine-loop", daemon=True)
+        self._running = True  # from now: requests submitted before the thread is scheduled are kept
         self._thread.start()
 
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """Run the loop in the calling thread until `stop()` (or `keep_going()` turns False when idle)."""
+        self._running = True
+        torch.set_num_threads(self.num_threads)
+        try:
+            self._run(keep_going)
+        finally:
+            self._running = False
+
     def stop(self, timeout: float | None = None) -> None:
-        """Abort whatever still runs and end the thread."""
+        """End the loop (what still runs is aborted); waits for the loop's own thread, if it has one."""
         self._stop.set()
         self._inbox.put(("wake", None))
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running
 
     def submit(self, prompt: PromptInputs, params: SamplingParams) -> Handle:
         """Queue a prepared request; call from the event loop. Outputs (or a RequestError) arrive on the handle."""
@@ -111,13 +137,15 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the loop thread
 
-    def _run(self) -> None:
+    def _run(self, keep_going: Callable[[], bool]) -> None:
         engine = self.engine
         try:
             while not self._stop.is_set():
                 busy = engine.has_unfinished()
                 self._drain_inbox(block=not busy)
                 if not engine.has_unfinished():
+                    if not keep_going():
+                        break
                     continue
                 try:
                     outputs = engine.step()
@@ -150,8 +178,9 @@ class EngineLoop:
 
     def _handle(self, kind: str, handle: Handle | None) -> None:
         if kind == "add" and not handle.aborted:
+            prompt, handle.prompt = handle.prompt, None  # the engine holds the pixels from now on
             try:
-                handle.request_id = self.engine.add_request(handle.prompt, handle.params)
+                handle.request_id = self.engine.add_request(prompt, handle.params)
             except Exception as e:  # noqa: BLE001 - RequestError (over the context...): that request alone
                 handle._post(e)
                 return
