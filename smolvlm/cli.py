@@ -154,7 +154,7 @@ def add_serve_parser(commands) -> None:
         description="Serve POST /v1/chat/completions (OpenAI's schema; image_url and vLLM's video_url parts; "
                     "stream: true for server-sent events), GET /v1/models, /health and /metrics (Prometheus). "
                     "One engine batches every client's requests. SIGTERM or Ctrl-C drains: requests in flight "
-                    "finish, then the server exits 0. Needs the serve extra: pip install \"smolvlm[serve]\".",
+                    "finish, then the server exits (0 after SIGTERM, 130 after Ctrl-C; a second signal stops at once). Needs the serve extra: pip install \"smolvlm[serve]\".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = s.add_argument_group("model")
@@ -177,6 +177,10 @@ def add_serve_parser(commands) -> None:
                    help="require Authorization: Bearer KEY on /v1/* (default: $SMOLVLM_API_KEY if set, else none)")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let requests name local files (file:// or paths) under DIR; none otherwise")
+    g.add_argument("--allowed-media-domains", default=None, metavar="HOST,HOST",
+                   help="hosts that http(s) image and video URLs may name (default: any; set it when untrusted "
+                        "clients can reach the server: it fetches what they name)")
+    g.add_argument("--max-media-per-request", type=int, default=32, help="images + videos in one request (default 32)")
     g.add_argument("--max-request-bytes", type=int, default=100 * 1024 * 1024,
                    help="largest request body; more is a 413 (default 100 MiB)")
     g.add_argument("--max-queue", type=int, default=64,
@@ -616,7 +620,7 @@ def serve(args) -> int:
     from smolvlm.serve import serve as run_server
     from smolvlm.serve.app import ServerConfig
 
-    for name, low in (("max_num_seqs", 1), ("max_request_bytes", 1), ("max_queue", 0)):
+    for name, low in (("max_num_seqs", 1), ("max_request_bytes", 1), ("max_queue", 0), ("max_media_per_request", 1)):
         if getattr(args, name) < low:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -641,6 +645,9 @@ def serve(args) -> int:
         model_name=args.served_model_name or args.model, api_key=api_key,
         allowed_local_media_path=None if media is None else Path(media).expanduser(),
         max_request_bytes=args.max_request_bytes, max_waiting=args.max_queue,
+        max_media_per_request=args.max_media_per_request,
+        allowed_media_domains=None if args.allowed_media_domains is None
+        else tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
     )
     engine = load_engine(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     return run_server(engine, config, host=args.host, port=args.port, drain_timeout=args.drain_timeout,

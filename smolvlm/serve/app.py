@@ -53,6 +53,8 @@ class ServerConfig:
     max_request_bytes: int = 100 * 1024 * 1024  # a body over this is a 413
     max_waiting: int = 64  # requests beyond the engine's max_num_seqs that may queue; more: 503
     media_threads: int = 4  # requests whose media are read and decoded at once
+    max_media_per_request: int = 32  # images + videos in one request
+    allowed_media_domains: tuple[str, ...] | None = None  # hosts http(s) media may come from; None: any
 
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None:
@@ -60,7 +62,7 @@ class ServerConfig:
             if not path.is_dir():
                 raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path}: not a directory")
             object.__setattr__(self, "allowed_local_media_path", path)
-        for name in ("max_request_bytes", "media_threads"):
+        for name in ("max_request_bytes", "media_threads", "max_media_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
@@ -86,6 +88,9 @@ class Server:
         # engine's (loop.py: libgomp stops spinning once OpenMP threads outnumber the CPUs).
         self.media = ThreadPoolExecutor(config.media_threads, thread_name_prefix="smolvlm-media",
                                         initializer=torch.set_num_threads, initargs=(1,))
+        self.text = ThreadPoolExecutor(2, thread_name_prefix="smolvlm-text", initializer=torch.set_num_threads,
+                                       initargs=(1,))  # requests without media: template + tokenizer only
+        self._created = protocol.now()
         self.capacity = engine.config.max_num_seqs + config.max_waiting
         self.active = 0  # admitted requests not yet answered (event loop only)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
@@ -93,6 +98,13 @@ class Server:
     # ------------------------------------------------------------------ routes
 
     async def chat_completions(self, request: Request) -> Response:
+        try:
+            return await self._chat_completions(request)
+        except Exception:  # noqa: BLE001 - a bug: a 500 for this request alone, logged and counted
+            log.exception("a chat completion failed")
+            return self._count(error_response(BadRequest("internal server error", 500, "server_error")))
+
+    async def _chat_completions(self, request: Request) -> Response:
         received = time.perf_counter()
         try:
             self._check_key(request)
@@ -101,7 +113,7 @@ class Server:
             if chat.model != self.config.model_name:
                 raise BadRequest(f"the model {chat.model!r} does not exist; this server serves {self.config.model_name!r}",
                                  status=404, param="model", code="model_not_found")
-            if self.active >= self.capacity:
+            if self.active >= self.capacity or not self.loop.alive:
                 raise BadRequest(f"the server is busy ({self.active} requests in flight); retry shortly", status=503,
                                  type="server_error", code="server_busy", headers={"Retry-After": "1"})
         except BadRequest as e:
@@ -109,26 +121,28 @@ class Server:
         except ClientDisconnect:
             return self._count(Response(status_code=499))
         self.active += 1
-        handle = None
+        streaming = False  # from the moment an EventStream exists, it gives the slot back
         try:
-            prompt = await self._prepare(chat)
-            params = self._params(chat, len(prompt.input_ids))
-            handle = self.loop.submit(prompt, params)
-        except BadRequest as e:
-            self.active -= 1
-            return self._count(error_response(e))
-        except Exception:  # noqa: BLE001 - a bug, for this request alone
-            self.active -= 1
-            log.exception("preparing a request failed")
-            return self._count(error_response(BadRequest("internal error while preparing the request", 500, "server_error")))
-        if chat.stream:
-            self.metrics.responses[200] += 1
-            return EventStream(self, chat, handle, received, len(prompt.input_ids))
-        try:
-            return self._count(await self._complete(request, chat, handle, received))
+            try:
+                prompt = await self._prepare(chat)
+                params = self._params(chat, len(prompt.input_ids))
+                if await request.is_disconnected():  # gone while its media were read: nothing to run
+                    self.metrics.aborted += 1
+                    return self._count(Response(status_code=499))
+                handle = self.loop.submit(prompt, params)
+            except BadRequest as e:
+                return self._count(error_response(e))
+            if chat.stream:
+                self.metrics.responses[200] += 1
+                streaming = True
+                return EventStream(self, chat, handle, received, len(prompt.input_ids))
+            try:
+                return self._count(await self._complete(request, chat, handle, received))
+            finally:
+                self.loop.abort(handle)  # a no-op when it finished; frees its blocks when the client left
         finally:
-            self.loop.abort(handle)  # a no-op when it finished; frees its blocks when the client left
-            self.active -= 1
+            if not streaming:
+                self.active -= 1
 
     async def models(self, request: Request) -> Response:
         try:
@@ -176,26 +190,29 @@ class Server:
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise BadRequest("the request body is not valid JSON: nested too deeply") from None
 
     async def _prepare(self, chat: ChatCompletionRequest) -> PromptInputs:
         """Messages -> PromptInputs on a media thread (files and URLs read, pixels decoded)."""
+        has_media = any(not isinstance(m.content, str) and any(p.type != "text" for p in m.content)
+                        for m in chat.messages)
+        pool = self.media if has_media else self.text  # text never waits behind a slow download
         self.metrics.preparing += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.media, self._prepare_sync, chat)
+            return await asyncio.get_running_loop().run_in_executor(pool, self._prepare_sync, chat)
         finally:
             self.metrics.preparing -= 1
 
     def _prepare_sync(self, chat: ChatCompletionRequest) -> PromptInputs:
         files = MediaFiles()
         try:
-            conversation = to_conversation(chat, self.config.allowed_local_media_path, files)
+            conversation = to_conversation(chat, self.config, files)
             return self.engine.prepare(conversation, trusted=False)
-        except ProcessorError as e:
-            message = files.hide(str(e))
+        except (ProcessorError, ValueError, OSError) as e:  # ValueError: RequestError, a bad path; OSError: a file
+            message = _client_message(files.hide(str(e)))
             too_long = "the prompt is" in message and "tokens, longer than" in message
             raise BadRequest(message, param="messages", code="context_length_exceeded" if too_long else "invalid_media"
                              if _about_media(message) else None) from None
@@ -210,6 +227,11 @@ class Server:
             raise BadRequest(
                 f"this model's context is {self.engine.max_model_len} tokens: the prompt is {prompt_tokens} tokens and "
                 f"{name} asks for {asked} more (at most {room})", param=name, code="context_length_exceeded")
+        pool = self.engine.block_manager.num_blocks * self.engine.config.block_size
+        if prompt_tokens + 1 > pool:
+            raise BadRequest(f"the prompt is {prompt_tokens} tokens and the server's KV cache holds {pool}: "
+                             "it can never run here (use fewer or smaller images, or a shorter video)",
+                             param="messages", code="context_length_exceeded")
         stop = [chat.stop] if isinstance(chat.stop, str) else (chat.stop or [])
         try:
             return SamplingParams(
@@ -218,7 +240,7 @@ class Server:
                 top_p=1.0 if chat.top_p is None else chat.top_p,
                 top_k=0 if chat.top_k in (None, -1) else chat.top_k,
                 repetition_penalty=1.0 if chat.repetition_penalty is None else chat.repetition_penalty,
-                seed=chat.seed,
+                seed=None if chat.seed is None else chat.seed % 2**63,  # OpenAI's int64 seeds, negative too
                 stop=tuple(stop),
                 logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
             )
@@ -290,7 +312,6 @@ class Server:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette):
-        self._created = protocol.now()
         if self.loop_thread:
             self.loop.start()
         log.info("serving %s (context %d tokens, %d KV blocks)", self.config.model_name, self.engine.max_model_len,
@@ -300,6 +321,7 @@ class Server:
         finally:
             self.loop.stop(timeout=30)
             self.media.shutdown(wait=False, cancel_futures=True)
+            self.text.shutdown(wait=False, cancel_futures=True)
 
 
 class EventStream:
@@ -397,6 +419,8 @@ def raise_for(error: Exception) -> None:
     """An error from the engine loop as the BadRequest a client gets."""
     from smolvlm.engine.request import RequestError
 
+    if isinstance(error, BadRequest):
+        raise error
     if isinstance(error, RequestError):
         raise BadRequest(str(error), code="context_length_exceeded" if "context" in str(error) else None) from None
     raise BadRequest(f"internal error: {error}", status=500, type="server_error") from None
@@ -411,6 +435,14 @@ def _result_error(result: GenerationResult) -> BadRequest:
 
 def _finish_reason(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
+
+
+def _client_message(message: str) -> str:
+    """A processor message in this API's terms: no conversation index (there is one), no hint that
+    names Python options a client cannot set."""
+    message = message.removeprefix("conversation 0: ")
+    return message.replace("(use fewer or smaller images: do_image_splitting=False, image_longest_edge, video_max_frames)",
+                           "(use fewer or smaller images, or a shorter video)")
 
 
 def _about_media(message: str) -> bool:

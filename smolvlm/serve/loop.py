@@ -35,7 +35,13 @@ from smolvlm.engine import Engine, SamplingParams
 from smolvlm.engine.outputs import StepOutput
 from smolvlm.engine.request import PromptInputs
 
+from smolvlm.serve.protocol import BadRequest
+
 log = logging.getLogger("smolvlm.serve")
+# what a request gets when the loop has stopped (shutting down, or dead): a 503, as llama.cpp's server
+def stopped() -> BadRequest:
+    return BadRequest("the server is shutting down or its engine stopped; retry shortly", status=503,
+                      type="server_error", code="unavailable", headers={"Retry-After": "1"})
 IDLE_WAIT_S = 0.25  # how often an idle loop looks at the stop flag
 
 
@@ -105,10 +111,7 @@ class EngineLoop:
         """Run the loop in the calling thread until `stop()` (or `keep_going()` turns False when idle)."""
         self._running = True
         torch.set_num_threads(self.num_threads)
-        try:
-            self._run(keep_going)
-        finally:
-            self._running = False
+        self._run(keep_going)
 
     def stop(self, timeout: float | None = None) -> None:
         """End the loop (what still runs is aborted); waits for the loop's own thread, if it has one."""
@@ -124,9 +127,11 @@ class EngineLoop:
     def submit(self, prompt: PromptInputs, params: SamplingParams) -> Handle:
         """Queue a prepared request; call from the event loop. Outputs (or a RequestError) arrive on the handle."""
         if not self.alive:
-            raise RuntimeError("the engine loop is not running")
+            raise stopped()
         handle = Handle(prompt, params, asyncio.get_running_loop())
         self._inbox.put(("add", handle))
+        if not self.alive:  # it stopped meanwhile: whatever it did not take fails here, nothing waits forever
+            self._fail_pending()
         return handle
 
     def abort(self, handle: Handle) -> None:
@@ -160,7 +165,9 @@ class EngineLoop:
             self.error = e
             log.exception("the engine loop died")
         finally:
-            self._fail_all(RuntimeError("the server is shutting down"))
+            self._running = False  # from here, submit() refuses, and fails what it put in too late
+            self._fail_all(stopped())
+            self._fail_pending()
             self._publish()
 
     def _drain_inbox(self, block: bool) -> None:
@@ -196,6 +203,16 @@ class EngineLoop:
         if output.result is not None:
             del self._handles[output.request_id]
         handle._post(output)
+
+    def _fail_pending(self) -> None:
+        """Answer the requests still in the inbox: the loop will not take them."""
+        while True:
+            try:
+                kind, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                handle._post(stopped())
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, handle in list(self._handles.items()):

@@ -8,7 +8,11 @@
   deletes once the request's frames are decoded.
 - Local paths are resolved (symlinks followed) before the folder check, so `../` and links cannot
   leave it; without the flag, no local file is read at all. Errors never say more about this
-  machine's files than "cannot open" (the processor runs with `trusted=False`).
+  machine's files than "cannot open" (the processor runs with `trusted=False`), and name the file
+  as the client wrote it, not its resolved path.
+- http(s) URLs may name any host unless `--allowed-media-domains` lists the ones allowed (a server
+  reachable by untrusted clients should set it: the server fetches what they name, internal
+  addresses included). At most `--max-media-per-request` images and videos per request.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime":
 
 
 class MediaFiles:
-    """Temporary files written for one request's videos; `close()` removes them."""
+    """Temporary files written for one request's videos (`close()` removes them), and the names
+    error messages must show for them and for resolved local paths."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.aliases: dict[str, str] = {}  # resolved local path -> the client's own string
 
     def write(self, data: bytes, suffix: str) -> str:
         fd, path = tempfile.mkstemp(prefix="smolvlm-video-", suffix=suffix)
@@ -46,6 +52,8 @@ class MediaFiles:
         """An error message with the temporary file names replaced (they mean nothing to a client)."""
         for path in self.paths:
             message = message.replace(path, "the video data")
+        for path, given in sorted(self.aliases.items(), key=lambda item: -len(item[0])):
+            message = message.replace(path, given)
         return message
 
     def close(self) -> None:
@@ -57,8 +65,14 @@ class MediaFiles:
         self.paths.clear()
 
 
-def to_conversation(request: ChatCompletionRequest, allowed_local: Path | None, files: MediaFiles) -> list[dict]:
-    """The request's messages in the processor's format (`Processor.prepare`). Raises BadRequest."""
+def to_conversation(request: ChatCompletionRequest, config, files: MediaFiles) -> list[dict]:
+    """The request's messages in the processor's format (`Processor.prepare`), under `config`'s
+    (app.ServerConfig) media rules. Raises BadRequest."""
+    count = sum(1 for m in request.messages if not isinstance(m.content, str) for p in m.content if p.type != "text")
+    if count > config.max_media_per_request:
+        raise BadRequest(f"the request has {count} images and videos, more than this server's limit of "
+                         f"{config.max_media_per_request}", param="messages")
+    rules = _Rules(config.allowed_local_media_path, config.allowed_media_domains, files)
     conversation = []
     for m, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for system
@@ -71,27 +85,50 @@ def to_conversation(request: ChatCompletionRequest, allowed_local: Path | None, 
             if part.type == "text":
                 content.append({"type": "text", "text": part.text})
             elif part.type == "image_url":
-                content.append(_image(part.image_url.url, allowed_local, where))
+                content.append(_image(part.image_url.url, rules, where))
             else:
-                content.append(_video(part.video_url.url, allowed_local, files, where))
+                content.append(_video(part.video_url.url, rules, where))
         if not content:
             raise BadRequest(f"messages.{m}.content is empty", param=f"messages.{m}.content")
         conversation.append({"role": role, "content": content})
     return conversation
 
 
-def _image(url: str, allowed_local: Path | None, where: str) -> dict:
+class _Rules:
+    def __init__(self, allowed_local: Path | None, domains: tuple[str, ...] | None, files: MediaFiles):
+        self.allowed_local = allowed_local
+        self.domains = None if domains is None else {d.lower().rstrip(".") for d in domains}
+        self.files = files
+
+    def check_host(self, url: str, param: str) -> None:
+        if self.domains is None:
+            return
+        host = (urlparse(url).hostname or "").rstrip(".")
+        if host not in self.domains:
+            raise BadRequest(f"{param}: {host!r} is not among this server's allowed media domains", param=param)
+
+    def local(self, url: str, param: str) -> str:
+        path = local_path(url, self.allowed_local, param)
+        self.files.aliases[path] = url[:200]
+        return path
+
+
+def _image(url: str, rules: _Rules, where: str) -> dict:
+    param = f"{where}.image_url.url"
     scheme = _scheme(url)
     if scheme in ("data", "http", "https"):
-        return {"type": "image", "url": url}
+        if scheme != "data":
+            rules.check_host(url, param)
+        return {"type": "image", "url": scheme + url[len(scheme):]}  # DATA:, HTTPS: as data:, https:
     if scheme in ("file", ""):
-        return {"type": "image", "path": local_path(url, allowed_local, f"{where}.image_url.url")}
+        return {"type": "image", "path": rules.local(url, param)}
     raise BadRequest(f"{where}.image_url.url: unsupported URL scheme {scheme!r} (data:, http(s)://, file://)",
                      param=f"{where}.image_url.url")
 
 
-def _video(url: str, allowed_local: Path | None, files: MediaFiles, where: str) -> dict:
+def _video(url: str, rules: _Rules, where: str) -> dict:
     param = f"{where}.video_url.url"
+    files = rules.files
     scheme = _scheme(url)
     if scheme == "data":
         header, _, payload = url.partition(",")
@@ -110,6 +147,7 @@ def _video(url: str, allowed_local: Path | None, files: MediaFiles, where: str) 
     if scheme in ("http", "https"):
         from smolvlm.processing.errors import ProcessorError
 
+        rules.check_host(url, param)
         try:
             data = fetch_url(url, timeout_s=VIDEO_URL_TIMEOUT_S, max_bytes=VIDEO_MAX_BYTES)
         except ProcessorError as e:
@@ -117,7 +155,7 @@ def _video(url: str, allowed_local: Path | None, files: MediaFiles, where: str) 
         suffix = Path(urlparse(url).path).suffix.lower()
         return {"type": "video", "path": files.write(data, suffix if suffix in VIDEO_SUFFIXES.values() else ".mp4")}
     if scheme in ("file", ""):
-        return {"type": "video", "path": local_path(url, allowed_local, param)}
+        return {"type": "video", "path": rules.local(url, param)}
     raise BadRequest(f"{param}: unsupported URL scheme {scheme!r} (data:, http(s)://, file://)", param=param)
 
 
@@ -140,10 +178,14 @@ def local_path(url: str, allowed_local: Path | None, param: str) -> str:
         raw = unquote(parsed.path)
     else:
         raw = url
-    path = Path(raw)
-    if not path.is_absolute():
-        path = allowed_local / path
-    resolved = Path(os.path.realpath(path))
+    try:
+        path = Path(raw)
+        if not path.is_absolute():
+            path = allowed_local / path
+        resolved = Path(os.path.realpath(path))
+        str(resolved).encode("utf-8")
+    except (ValueError, UnicodeError):  # a NUL byte, a lone surrogate: no such file can exist
+        raise BadRequest(f"{param}: not a valid file path", param=param) from None
     if not resolved.is_relative_to(allowed_local):
         raise BadRequest(f"{param}: {raw[:200]!r} is outside the allowed media folder", param=param)
     return str(resolved)

@@ -11,6 +11,7 @@ Series (names after vLLM's `vllm:*` ones where they exist, prefixed `smolvlm_`):
     smolvlm_requests_running / _waiting       in the engine now (waiting: queued there, or reading media)
     smolvlm_kv_cache_blocks_used / _total     KV-cache blocks held by requests / in the pool
     smolvlm_kv_cache_usage_ratio              used / total
+    smolvlm_engine_steps_total                model steps the engine has run
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Metrics:
         series("smolvlm_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", [("", snapshot.kv_blocks_total)])
         ratio = snapshot.kv_blocks_used / snapshot.kv_blocks_total if snapshot.kv_blocks_total else 0.0
         series("smolvlm_kv_cache_usage_ratio", "gauge", "Fraction of the KV-cache pool in use.", [("", ratio)])
+        series("smolvlm_engine_steps_total", "counter", "Model steps the engine has run.", [("", snapshot.steps)])
         return "\n".join(lines) + "\n"
 
 

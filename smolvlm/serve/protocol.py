@@ -66,16 +66,16 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = None  # OpenAI marks these nullable: null means the default
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI: any int64
     stop: Union[str, list[str], None] = None
-    n: int = Field(default=1, ge=1)
-    logprobs: bool = False
+    n: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -140,7 +140,7 @@ def parse_request(body: Any) -> ChatCompletionRequest:
     for name in UNSUPPORTED:
         if getattr(request, name) is not None:
             raise BadRequest(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    if request.n != 1:
+    if request.n not in (None, 1):
         raise BadRequest(f"n must be 1 (one choice per request), got {request.n}", param="n", code="unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(request, name) not in (None, 0.0):
