@@ -533,3 +533,14 @@ def test_media_by_http_url(server, media_site, solo):
     missing = f"{media_site}/missing.png"
     check_error(post(server, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": missing}}]}]}), 400, missing)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--allowed-local-media-path", "/nonexistent-dir"], "not a directory"),
+])
+def test_bad_serve_flags_fail_before_the_model_loads(tiny_ckpt, flags, message):
+    result = subprocess.run([sys.executable, "-m", "smolvlm.cli", "serve", "--model", str(tiny_ckpt), *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
