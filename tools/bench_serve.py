@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -36,21 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ab import cpu_name  # noqa: E402 - a sibling script (standard library only at import)
 TOPICS = ["the sea", "mountains", "a city at night", "bread", "rivers", "the moon", "winter", "trains", "music",
           "gardens", "the desert", "libraries", "rain", "bicycles", "forests", "the sun", "coffee", "bridges",
           "islands", "snow", "clocks", "birds", "markets", "ships", "lighthouses", "volcanoes", "tea", "castles",
           "the wind", "maps", "paper", "glass"]
 SYSTEM = "You are a helpful assistant. Answer in a few sentences."
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def messages(i: int) -> list[dict]:
