@@ -635,7 +635,6 @@ def serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("SMOLVLM_API_KEY") or None
     if api_key is not None and not api_key.strip():
         raise CLIError("--api-key must not be empty")
-    args.stats = False
     if args.kv_cache_gb is not None and not (math.isfinite(args.kv_cache_gb) and args.kv_cache_gb * (1 << 30) >= (1 << 20)):
         raise CLIError(f"--kv-cache-gb must be at least 0.001 (1 MiB), got {args.kv_cache_gb}")
     if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
