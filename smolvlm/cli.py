@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safetensors), "
                             "merged into the weights at load")
+    model.add_argument("--quantize", choices=["int8"], default=None,
+                       help="int8 decoder and LM head weights, a scale per 32 (faster decode on CPU, a little less "
+                            "accurate: docs/benchmarks.md); default: the checkpoint's weights as they are")
     model.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory for the KV cache in GiB (default: 1 on CPU, half the free GPU memory)")
 
@@ -167,6 +170,8 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available)")
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--cpu-kernels", choices=["auto", "c", "torch"], default="auto")
+    g.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 decoder and LM head weights, a scale per 32 (docs/benchmarks.md has its accuracy)")
     g.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: 1 GiB on CPU, half the free GPU memory)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length, prompt + answer (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
@@ -292,7 +297,7 @@ def load_engine(args, **engine_options):
         options["kv_cache_memory"] = int(args.kv_cache_gb * (1 << 30))
     return Engine.from_pretrained(
         args.model, dtype=getattr(torch, dtype_name), device=device, attention_backend=args.attention_backend,
-        adapter=args.adapter, **options
+        adapter=args.adapter, quantize=args.quantize, **options
     )
 
 
@@ -500,6 +505,10 @@ def explain(args) -> int:
 
         load_adapter(model, args.adapter, dtype=torch.float32)
         merge_lora(model)
+    if args.quantize:
+        from smolvlm.quant import quantize_decoder
+
+        quantize_decoder(model)
     processor = Processor.from_pretrained(directory if Path(args.model).expanduser().is_dir() else args.model)
     options = processor_options(args)
     text = model.config.text

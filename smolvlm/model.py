@@ -63,9 +63,15 @@ class SmolVLM(nn.Module):
         path_or_repo_id: str | Path,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quantize: str | None = None,
     ) -> "SmolVLM":
         """Load a checkpoint directory (or hub repo id): config.json + safetensors, strictly.
-        dtype: a torch dtype, or its name ("float32", "bfloat16", "float16")."""
+        dtype: a torch dtype, or its name ("float32", "bfloat16", "float16").
+        quantize: None, or "int8": the decoder's projections and the LM head become int8 with a scale
+        per group of 32 (smolvlm/quant.py), quantized here from the checkpoint's weights; everything
+        else stays in `dtype`. Opt-in and never silent: its accuracy is in docs/benchmarks.md."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         dtype = _dtype(dtype)
         directory = resolve_checkpoint(path_or_repo_id)
         config = SmolVLMConfig.from_file(directory / "config.json")
@@ -77,7 +83,7 @@ class SmolVLM(nn.Module):
         # to `dtype`, and those a decode step streams (decoder layers, final norm, LM head), which are
         # read faster from huge pages; the rest stay memory-mapped from the file.
         arena, streamed = None, frozenset()
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and quantize is None:  # int8: the fp32 weights are transient
             arena = huge_page_arena(model, dtype)
             prefixes = ("model.text_model.layers.", "model.text_model.norm.", "lm_head.")
             if config.tie_word_embeddings:  # the LM head reads the embedding matrix
@@ -88,6 +94,10 @@ class SmolVLM(nn.Module):
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
         model.model.text_model.pack_projections()  # q/k/v and gate/up back to back: one matmul each (text.py)
+        if quantize == "int8":
+            from smolvlm.quant import quantize_decoder
+
+            quantize_decoder(model)
         release_freed_memory()  # the per-tensor conversion copies
         return model.eval()
 
@@ -123,11 +133,11 @@ class SmolVLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.text_model.embed_tokens.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # of the activations (int8 weights, quant.py, keep them in this dtype)
+        return self.model.text_model.embed_tokens.weight.dtype
 
     def image_features(
         self,

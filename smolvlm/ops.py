@@ -61,6 +61,12 @@ class TorchOps:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, weight, bias)
 
+    def linear_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """quant.Int8Linear's product (int8 weights, a scale per group of 32)."""
+        from smolvlm.quant import int8_linear
+
+        return int8_linear(x, qweight, scales)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
@@ -101,6 +107,12 @@ class KernelOps(TorchOps):
                 and self.kernels.accepts(x, weight):
             return self.kernels.matvec(x, weight)
         return linear(x, weight, bias)
+
+    def linear_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        accepts = getattr(self.kernels, "accepts_int8", None)
+        if accepts is not None and not (torch.is_grad_enabled() and x.requires_grad) and accepts(x, qweight):
+            return self.kernels.matvec_int8(x, qweight, scales)
+        return super().linear_int8(x, qweight, scales)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \

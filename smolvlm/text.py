@@ -202,6 +202,8 @@ class TextModel(nn.Module):
         for layer in self.layers:
             for parts in FUSED_PROJECTIONS:
                 modules = [layer.get_submodule(p) for p in parts]
+                if any(type(m) is not Linear for m in modules):  # LoRA-wrapped, int8: not fused anyway
+                    continue
                 weights = [m.weight for m in modules]
                 one_row = weights[0][:1]  # a decode-sized input, for the layout check alone
                 if fused_weight(one_row, *modules) is not None:  # already back to back

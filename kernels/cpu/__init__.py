@@ -50,6 +50,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as the enum in cpu_kernel
 I64, INT, FLOAT, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
     "smolvlm_matvec": [PTR, INT, PTR, INT, PTR, INT, I64, I64, I64, INT],
+    "smolvlm_matvec_q8": [PTR, PTR, PTR, INT, PTR, INT, I64, I64, I64, INT],
     "smolvlm_rms_norm": [PTR, PTR, PTR, INT, I64, I64, FLOAT],
     "smolvlm_store_kv": [PTR, PTR, PTR, PTR, PTR, I64, I64, I64],
     "smolvlm_rotary": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64],
@@ -204,6 +205,35 @@ class CpuKernels:
         )
         if status:
             self._status("smolvlm_matvec", status)
+        return out
+
+    # ------------------------------------------------------------------ int8 weights
+
+    def accepts_int8(self, x: torch.Tensor, qweight: torch.Tensor) -> bool:
+        """Whether `matvec_int8` applies: CPU, x fp32/bf16, at most `max_rows` rows, K a multiple of 32."""
+        return x.is_cpu and qweight.is_cpu and x.dtype in DTYPE_CODES and qweight.shape[1] % 32 == 0 \
+            and x.numel() <= self.max_rows * x.shape[-1]
+
+    def matvec_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (..., K) fp32/bf16, qweight (N, K) int8, scales (N, K / 32) fp32 -> (..., N) in x's dtype:
+        F.linear(x, qweight * scales per group of 32) (smolvlm.quant.dequantize_int8)."""
+        n, k = qweight.shape
+        if qweight.dtype != torch.int8 or scales.dtype != torch.float32 or x.dtype not in DTYPE_CODES:
+            raise TypeError(f"matvec_int8 takes int8 weights, fp32 scales and fp32/bf16 x, got {qweight.dtype}, "
+                            f"{scales.dtype}, {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != k or k % 32 or tuple(scales.shape) != (n, k // 32):
+            raise ValueError(f"shapes do not match: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                             f"scales {tuple(scales.shape)} (K a multiple of 32, one scale per 32)")
+        if not (x.is_cpu and qweight.is_cpu and scales.is_cpu and qweight.is_contiguous() and scales.is_contiguous()):
+            raise ValueError("matvec_int8 needs CPU tensors and contiguous weights and scales")
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)  # (..., N)
+        status = self._lib.smolvlm_matvec_q8(
+            qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), DTYPE_CODES[x.dtype], out.data_ptr(),
+            DTYPE_CODES[out.dtype], x.numel() // k if k else 0, n, k, torch.get_num_threads(),
+        )
+        if status:
+            self._status("smolvlm_matvec_q8", status)
         return out
 
     # ------------------------------------------------------------------ RMSNorm

@@ -165,6 +165,7 @@ class Engine:
         device: torch.device | str = "cpu",
         attention_backend: str = "auto",
         adapter: str | Path | None = None,
+        quantize: str | None = None,
         **options: Any,
     ) -> "Engine":
         """Model, processor and generation config from a checkpoint directory or hub repo id.
@@ -172,18 +173,24 @@ class Engine:
         engine then runs a plain model, so every fast path (fused projections, C decode kernels,
         CUDA graphs, prefix caching) works and a step costs what it did without the adapter.
         (Applying it per step instead would only pay off when one engine serves several adapters.)
-        `options` are EngineConfig fields (block_size, kv_cache_memory, max_num_seqs, ...)."""
+        `quantize="int8"`: int8 decoder and LM head weights (SmolVLM.from_pretrained), after the
+        adapter is merged. `options` are EngineConfig fields (block_size, kv_cache_memory, max_num_seqs, ...)."""
         from smolvlm.model import SmolVLM
         from smolvlm.processing import Processor
         from smolvlm.weights import CHECKPOINT_PATTERNS, resolve_checkpoint
 
         directory = resolve_checkpoint(path_or_repo_id, allow_patterns=CHECKPOINT_PATTERNS)
-        model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device)
+        model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device,
+                                        quantize=None if adapter is not None else quantize)
         if adapter is not None:
             from smolvlm.train.lora import load_adapter, merge_lora
 
             load_adapter(model, adapter, dtype=torch.float32)  # fp32 A and B: rounded once, after merging
             merge_lora(model)
+            if quantize is not None:
+                from smolvlm.quant import quantize_decoder
+
+                quantize_decoder(model)
         processor = Processor.from_pretrained(directory if Path(path_or_repo_id).expanduser().is_dir() else path_or_repo_id)
         eos: tuple[int, ...] = ()
         generation_config = directory / "generation_config.json"

@@ -1,0 +1,90 @@
+"""int8 weights (opt-in, `quantize="int8"`): the decoder's projections and the LM head as int8 with
+one fp32 scale per group of 32 input values, like llama.cpp's Q8_0 weights.
+
+    scale[n, g] = max |w[n, 32g : 32g + 32]| / 127
+    q[n, k]     = round(w[n, k] / scale[n, k // 32])  in [-127, 127]
+    w'[n, k]    = q[n, k] * scale[n, k // 32]         (|w - w'| <= scale / 2 for every element)
+
+Only the weights are quantized: activations, the KV cache, norms, the embedding table and the whole
+vision tower keep the model's dtype, so the one error is in the weights (the accuracy against
+fp32, measured, is in docs/benchmarks.md). A decode step reads a quarter of fp32's weight bytes.
+
+`Int8Linear` replaces an `nn.Linear` (`quantize_decoder(model)`); its reference forward is
+`dequantize_int8` then the plain product, and decode steps go through `ops.linear_int8` (the C
+kernel `matvec_q8` when the engine uses the C kernels). Fused q/k/v and gate/up products are for
+plain `Linear`s only, so int8 layers run their projections one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smolvlm.linear import Linear, linear
+
+GROUP = 32
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K), K a multiple of 32 -> (q int8 (N, K), scales fp32 (N, K / 32)), computed in fp32."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"int8 quantization needs in_features divisible by {GROUP}, got {k}")
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, G, 32)
+    scales = w.abs().amax(dim=-1) / 127.0  # (N, G)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)  # (N, G, 32)
+    return q.reshape(n, k).contiguous(), scales.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(q int8 (N, K), scales (N, K / 32)) -> the fp32 weight (N, K) they stand for."""
+    n, k = q.shape
+    return (q.float().reshape(n, k // GROUP, GROUP) * scales[..., None]).reshape(n, k)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free projection with int8 weights (buffers `qweight`, `scales`; no parameters: int8
+    weights do not train). `forward(x, ops)`: ops.linear_int8, or the reference without ops."""
+
+    takes_ops = True  # linear.call_with_ops hands it the step's ops
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear) -> "Int8Linear":
+        if module.bias is not None:
+            raise ValueError("Int8Linear has no bias (the decoder's projections and LM head have none)")
+        return cls(*quantize_int8(module.weight))
+
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        if ops is None:
+            return int8_linear(x, self.qweight, self.scales)
+        return ops.linear_int8(x, self.qweight, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, group={GROUP}"
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The reference: F.linear(x, dequantize_int8(qweight, scales) in x's dtype)."""
+    return linear(x, dequantize_int8(qweight, scales).to(x.dtype))
+
+
+def quantize_decoder(model) -> int:
+    """Replace every decoder projection and the LM head of a SmolVLM by an Int8Linear; returns how many.
+    The vision tower and connector stay as they are. Run it after merging any LoRA adapter."""
+    count = 0
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is Linear and (name.startswith("model.text_model.") or name == "lm_head")]
+    for name, module in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(module))
+        count += 1
+    if count == 0:
+        raise ValueError("no decoder Linear layers to quantize (already quantized, or adapters not merged?)")
+    return count
