@@ -216,3 +216,15 @@ def test_bench_serve_smoke(tmp_path, tiny_ckpt):
     single = report["single"]
     assert len(single["rows"]) == 2 and positive(single["total_ratio"])
     assert [row[0] for row in table_rows(result.stdout, "server (HTTP + SSE)")] == ["server (HTTP + SSE)"]
+
+
+def test_eval_int8_smoke(tmp_path, tiny_ckpt):
+    report_path = tmp_path / "int8.json"
+    result = run_tool("eval_int8.py", "--model", tiny_ckpt, "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert set(report["speed"]) == {"fp32", "int8"}
+    assert all(positive(s["median"]) and positive(s["peak_rss_mb"]) for s in report["speed"].values())
+    acc = report["accuracy"]
+    assert acc["prompts"] == 2 and acc["positions"] > 0
+    assert 0 < acc["logit_max_abs"] < 1 and 0 <= acc["top1_agreement"] <= 1  # quantized: close, not equal
+    assert [row[0] for row in table_rows(result.stdout, "int8")] == ["int8"]
