@@ -105,3 +105,16 @@ def test_quantize_is_opt_in_and_checked(tiny_ckpt):
     quantize_decoder(model)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_decoder(model)
+
+
+def test_cli_run_with_quantize_int8(tiny_ckpt):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "smolvlm.cli", "run", "--model", str(tiny_ckpt), "--quantize", "int8",
+                          "-n", "8", "Count to five."], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    engine = Engine.from_pretrained(tiny_ckpt, quantize="int8")
+    (want,) = engine.generate([[{"role": "user", "content": [{"type": "text", "text": "Count to five."}]}]],
+                              SamplingParams(max_new_tokens=8))
+    assert out.stdout == want.text + "\n"
