@@ -499,13 +499,14 @@ def explain(args) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
     directory = resolve_checkpoint(args.model, allow_patterns=CHECKPOINT_PATTERNS)
-    model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device)
+    model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device,
+                                    quantize=None if args.adapter else args.quantize)
     if args.adapter:
         from smolvlm.train.lora import load_adapter, merge_lora
 
         load_adapter(model, args.adapter, dtype=torch.float32)
         merge_lora(model)
-    if args.quantize:
+    if args.quantize and args.adapter:  # after merging (without an adapter: quantized at load)
         from smolvlm.quant import quantize_decoder
 
         quantize_decoder(model)

@@ -103,11 +103,12 @@ class SmolVLM(nn.Module):
 
     def fingerprint(self) -> tuple:
         """A value that changes whenever what the model computes may have: a module replaced or given a
-        hook, a parameter replaced or moved, or edited in place (its version counter; an edit through
+        hook, a parameter or buffer replaced or moved, or edited in place (its version counter; an edit through
         `.data` bypasses the counter and is not seen). Caches of computed values (an engine's prefix
         and vision-feature caches, captured CUDA graphs) compare it to know when they are stale."""
         modules = tuple((id(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in self.modules())
-        return modules, tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+        tensors = (*self.parameters(), *self.buffers())  # buffers: int8 weights and their scales (quant.py)
+        return modules, tuple((id(p), p.data_ptr(), p._version) for p in tensors)
 
     # ------------------------------------------------------------------ research (smolvlm/research)
 

@@ -7,7 +7,12 @@ one fp32 scale per group of 32 input values, like llama.cpp's Q8_0 weights.
 
 Only the weights are quantized: activations, the KV cache, norms, the embedding table and the whole
 vision tower keep the model's dtype, so the one error is in the weights (the accuracy against
-fp32, measured, is in docs/benchmarks.md). A decode step reads a quarter of fp32's weight bytes.
+fp32, measured, is in docs/benchmarks.md). A decode step reads 28 % of fp32's weight bytes (int8
+plus a 4-byte scale per 32).
+
+Speed: the C kernel takes decode-sized products (CPU, up to `CpuKernels.max_rows_int8` rows); other
+calls (prefill, `cpu_kernels="torch"`, CUDA) dequantize the weight for each call, which is slower
+than the fp32 model: the int8 mode is for CPU decoding.
 
 `Int8Linear` replaces an `nn.Linear` (`quantize_decoder(model)`); its reference forward is
 `dequantize_int8` then the plain product, and decode steps go through `ops.linear_int8` (the C
@@ -31,6 +36,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if k % GROUP:
         raise ValueError(f"int8 quantization needs in_features divisible by {GROUP}, got {k}")
     w = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, G, 32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("int8 quantization: the weight has NaN or infinite values")
     scales = w.abs().amax(dim=-1) / 127.0  # (N, G)
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)  # (N, G, 32)
@@ -66,18 +73,29 @@ class Int8Linear(nn.Module):
             return int8_linear(x, self.qweight, self.scales)
         return ops.linear_int8(x, self.qweight, self.scales)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.bfloat16()` convert floating buffers; the scales stay fp32 (qweight is int8)."""
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:
+            self.scales = self.scales.float()
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, group={GROUP}"
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The reference: F.linear(x, dequantize_int8(qweight, scales) in x's dtype)."""
-    return linear(x, dequantize_int8(qweight, scales).to(x.dtype))
+    """The reference: F.linear with the dequantized fp32 weight, in fp32, rounded once to x's dtype
+    (as the C kernel: the int8 weights are exact in fp32, a bf16 copy would round them again)."""
+    return linear(x.float(), dequantize_int8(qweight, scales)).to(x.dtype)
 
 
 def quantize_decoder(model) -> int:
     """Replace every decoder projection and the LM head of a SmolVLM by an Int8Linear; returns how many.
     The vision tower and connector stay as they are. Run it after merging any LoRA adapter."""
+    wrapped = [name for name, m in model.named_modules() if type(m).__name__ == "LoraLinear"]
+    if wrapped:
+        raise ValueError(f"the model has LoRA adapters ({wrapped[0]}...): merge them first (merge_lora), then quantize")
     count = 0
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is Linear and (name.startswith("model.text_model.") or name == "lm_head")]

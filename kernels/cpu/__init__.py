@@ -56,6 +56,7 @@ SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
     "smolvlm_rotary": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64],
     "smolvlm_paged_decode_attention": [PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64, I64, I64, I64, FLOAT, INT],
     "smolvlm_simd_avx512": [],
+    "smolvlm_q8_avx2": [],
 }
 GENERIC_ENV = "SMOLVLM_CPU_KERNELS_GENERIC"  # "1": every load() builds the portable paths only
 
@@ -139,6 +140,9 @@ class CpuKernels:
     # Rows up to which `matvec` beats PyTorch's matmul (tools/bench_matvec.py; docs/benchmarks.md):
     # beyond, the arithmetic (the kernel does no cache blocking) outweighs the weight traffic it saves.
     max_rows = 8
+    # int8 weights: up to here the C kernel (each weight row read once, up to this many rows against it
+    # from L1) beats dequantizing the whole weight for a GEMM, e.g. a decode step of 32 sequences.
+    max_rows_int8 = 32
 
     def __init__(self, library: ctypes.CDLL):
         for name, argtypes in SIGNATURES.items():
@@ -146,6 +150,7 @@ class CpuKernels:
             fn.restype, fn.argtypes = ctypes.c_int, argtypes
         self._lib = library
         self.avx512 = bool(library.smolvlm_simd_avx512())  # False: the portable C paths
+        self.q8_avx2 = bool(library.smolvlm_q8_avx2())  # the int8 matvec's AVX2 path (else portable C)
 
     def __repr__(self) -> str:
         return f"CpuKernels({'avx512' if self.avx512 else 'generic'})"
@@ -210,9 +215,9 @@ class CpuKernels:
     # ------------------------------------------------------------------ int8 weights
 
     def accepts_int8(self, x: torch.Tensor, qweight: torch.Tensor) -> bool:
-        """Whether `matvec_int8` applies: CPU, x fp32/bf16, at most `max_rows` rows, K a multiple of 32."""
+        """Whether `matvec_int8` applies: CPU, x fp32/bf16, at most `max_rows_int8` rows, K a multiple of 32."""
         return x.is_cpu and qweight.is_cpu and x.dtype in DTYPE_CODES and qweight.shape[1] % 32 == 0 \
-            and x.numel() <= self.max_rows * x.shape[-1]
+            and x.numel() <= self.max_rows_int8 * x.shape[-1]
 
     def matvec_int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (..., K) fp32/bf16, qweight (N, K) int8, scales (N, K / 32) fp32 -> (..., N) in x's dtype:

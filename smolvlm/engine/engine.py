@@ -179,6 +179,9 @@ class Engine:
         from smolvlm.processing import Processor
         from smolvlm.weights import CHECKPOINT_PATTERNS, resolve_checkpoint
 
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+
         directory = resolve_checkpoint(path_or_repo_id, allow_patterns=CHECKPOINT_PATTERNS)
         model = SmolVLM.from_pretrained(directory, dtype=dtype, device=device,
                                         quantize=None if adapter is not None else quantize)

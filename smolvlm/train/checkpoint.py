@@ -36,6 +36,9 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 def save_model_dir(model: nn.Module, base_dir: str | Path, output: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """A checkpoint directory: the base checkpoint's config, tokenizer and processor files, and
     `model.safetensors` with `model`'s weights (the tied LM head left out, as transformers saves it)."""
+    if any(type(m).__name__ == "Int8Linear" for m in model.modules()):
+        raise ValueError("the model has int8 weights (quantize='int8'): a checkpoint directory holds the full "
+                         "weights; save the model before quantizing it")
     base_dir, output = Path(base_dir), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for f in base_dir.iterdir():

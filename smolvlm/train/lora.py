@@ -174,6 +174,9 @@ class LoraLinear(nn.Module):
 def add_lora(model: nn.Module, config: LoraConfig, dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every Linear whose name `config` matches; returns the wrapped names. Freezes nothing:
     the caller decides what trains (`smolvlm.train.train` freezes everything but the adapters)."""
+    if any(type(m).__name__ == "Int8Linear" for m in model.modules()):
+        raise AdapterError("the model has int8 weights (quantize='int8'): LoRA trains on the checkpoint's own "
+                           "weights; load it without quantize")
     targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(name)]
     if not targets:
         raise AdapterError(f"target_modules {config.target_modules!r} matches no Linear module of the model")
