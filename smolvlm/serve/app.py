@@ -90,7 +90,7 @@ class Server:
                                         initializer=torch.set_num_threads, initargs=(1,))
         self.text = ThreadPoolExecutor(2, thread_name_prefix="smolvlm-text", initializer=torch.set_num_threads,
                                        initargs=(1,))  # requests without media: template + tokenizer only
-        self._created = protocol.now()
+        self.created = protocol.now()  # for /v1/models
         self.capacity = engine.config.max_num_seqs + config.max_waiting
         self.active = 0  # admitted requests not yet answered (event loop only)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
@@ -135,7 +135,7 @@ class Server:
             if chat.stream:
                 self.metrics.responses[200] += 1
                 streaming = True
-                return EventStream(self, chat, handle, received, len(prompt.input_ids))
+                return EventStream(self, chat, handle, received)
             try:
                 return self._count(await self._complete(request, chat, handle, received))
             finally:
@@ -306,10 +306,6 @@ class Server:
             return text, [_BYTE_OF_CHAR[c] for c in piece]
         return text, list(text.encode("utf-8"))
 
-    @property
-    def created(self) -> int:
-        return self._created
-
     @asynccontextmanager
     async def lifespan(self, app: Starlette):
         if self.loop_thread:
@@ -329,7 +325,7 @@ class EventStream:
     (the answer, an error, the client leaving) runs its `finally`: the request aborted if unfinished,
     the admission slot given back."""
 
-    def __init__(self, server: Server, chat: ChatCompletionRequest, handle: Handle, received: float, prompt_tokens: int):
+    def __init__(self, server: Server, chat: ChatCompletionRequest, handle: Handle, received: float):
         self.server = server
         self.chat = chat
         self.handle = handle
