@@ -93,11 +93,11 @@ class SmolVLM(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.text_model.embed_tokens.weight
         model.model.text_model.rotary_emb.to(device)  # computed buffer, built on CPU in fp32
-        model.model.text_model.pack_projections()  # q/k/v and gate/up back to back: one matmul each (text.py)
-        if quantize == "int8":
+        if quantize == "int8":  # before packing, which would copy the fp32 q/k/v and gate/up weights
             from smolvlm.quant import quantize_decoder
 
             quantize_decoder(model)
+        model.model.text_model.pack_projections()  # q/k/v and gate/up back to back: one matmul each (text.py)
         release_freed_memory()  # the per-tensor conversion copies
         return model.eval()
 
@@ -147,18 +147,29 @@ class SmolVLM(nn.Module):
         attention: VisionAttentionFn = sdpa_attention,
         *,
         checkpoint: bool = False,
+        tiles_per_pass: int | None = None,
     ) -> torch.Tensor:
         """Tiles -> decoder-sized image tokens, (n_real_tiles, image_seq_len, hidden).
 
         pixel_values (B, N, 3, H, W) as the processor gives them (or (N, 3, H, W)); all-zero tiles
         are batch padding and are dropped first (transformers: get_image_features). `attention`:
         the tower's attention (SDPA, or `smolvlm_kernels.masked_attention` on GPU). `checkpoint`:
-        gradient checkpointing per vision layer (training).
+        gradient checkpointing per vision layer (training). `tiles_per_pass`: run the tower and the
+        connector over at most this many tiles at a time (None: all at once). Tiles never attend to
+        each other, so the result is the same; the activations held at once (~25 MB per 512² tile in
+        fp32: a 64-frame video needs 1.6 GB in one pass) are bounded by it.
         """
+        if tiles_per_pass is not None and tiles_per_pass < 1:
+            raise ValueError(f"tiles_per_pass must be >= 1 or None, got {tiles_per_pass}")
         tiles, pixel_mask = self._real_tiles(pixel_values, pixel_attention_mask)
         patch_mask = patch_mask_from_pixels(pixel_mask, self.config.vision.patch_size)  # (N, Hp, Wp)
-        patch_features = self.vision_features(tiles, patch_mask, attention, checkpoint=checkpoint)  # (N, Hp*Wp, Dv)
-        return self.model.connector(patch_features)  # (N, image_seq_len, D)
+        n = tiles.shape[0]
+        step = n if tiles_per_pass is None else tiles_per_pass
+        parts = []
+        for chunk in [slice(None)] if step >= n else [slice(i, i + step) for i in range(0, n, step)]:
+            patch_features = self.vision_features(tiles[chunk], patch_mask[chunk], attention, checkpoint=checkpoint)  # (n, Hp*Wp, Dv)
+            parts.append(self.model.connector(patch_features))  # (n, image_seq_len, D)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, image_seq_len, D)
 
     def vision_features(
         self,

@@ -30,18 +30,25 @@ from smolvlm.linear import Linear, linear
 GROUP = 32
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (N, K), K a multiple of 32 -> (q int8 (N, K), scales fp32 (N, K / 32)), computed in fp32."""
+def quantize_int8(weight: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K), K a multiple of 32 -> (q int8 (N, K), scales fp32 (N, K / 32)), computed in fp32.
+    `rows_per_chunk` rows at a time, so the fp32 temporaries stay small (the 49k-row LM head would
+    otherwise need several fp32 copies of itself at once); the result does not depend on it."""
     n, k = weight.shape
     if k % GROUP:
         raise ValueError(f"int8 quantization needs in_features divisible by {GROUP}, got {k}")
-    w = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, G, 32)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("int8 quantization: the weight has NaN or infinite values")
-    scales = w.abs().amax(dim=-1) / 127.0  # (N, G)
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)  # (N, G, 32)
-    return q.reshape(n, k).contiguous(), scales.contiguous()
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, k // GROUP, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n))
+        w = weight[rows].detach().float().reshape(-1, k // GROUP, GROUP)  # (rows, G, 32)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("int8 quantization: the weight has NaN or infinite values")
+        s = w.abs().amax(dim=-1) / 127.0  # (rows, G)
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        q[rows] = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k)
+        scales[rows] = s
+    return q, scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -97,11 +104,14 @@ def quantize_decoder(model) -> int:
     if wrapped:
         raise ValueError(f"the model has LoRA adapters ({wrapped[0]}...): merge them first (merge_lora), then quantize")
     count = 0
-    targets = [(name, m) for name, m in model.named_modules()
+    # Names only: holding the modules would keep every fp32 weight alive (and, memory-mapped from the
+    # checkpoint, resident) until the last one is quantized; this way one is freed as the next is read.
+    targets = [name for name, m in model.named_modules()
                if type(m) is Linear and (name.startswith("model.text_model.") or name == "lm_head")]
-    for name, module in targets:
+    for name in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(module))
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, Int8Linear.from_linear(getattr(owner, child)))
         count += 1
     if count == 0:
         raise ValueError("no decoder Linear layers to quantize (already quantized, or adapters not merged?)")

@@ -248,6 +248,36 @@ def test_cached_image_features_with_a_different_prefix(tiny_ckpt, media):
     assert b.token_ids == expected.token_ids
 
 
+def test_vision_tower_runs_in_bounded_passes(tiny_ckpt, media):
+    """EngineConfig.vision_tiles_per_pass: the tower sees at most that many tiles per call, and the
+    features (and so the answer) are those of one pass over all tiles."""
+    from smolvlm import SmolVLM
+
+    model = SmolVLM.from_pretrained(tiny_ckpt)
+    pixels = torch.randn(1, 5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    size = model.config.vision.image_size
+    pixels = torch.nn.functional.interpolate(pixels[0], size=(size, size))[None]  # (1, 5, 3, S, S)
+    with torch.inference_mode():
+        whole = model.image_features(pixels)
+        for per_pass in (1, 2, 4, 5, 9):
+            torch.testing.assert_close(model.image_features(pixels, tiles_per_pass=per_pass), whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="tiles_per_pass"):
+        model.image_features(pixels, tiles_per_pass=0)
+
+    params = SamplingParams(max_new_tokens=8)
+    conversation = [user(("image", media["astronaut"]), "What is in this picture?")]  # split: several tiles
+    sizes = []
+    engine = make_engine(tiny_ckpt, vision_tiles_per_pass=2)
+    original = engine.model.vision_features
+    engine.model.vision_features = lambda tiles, *a, **k: (sizes.append(tiles.shape[0]), original(tiles, *a, **k))[1]
+    [bounded] = engine.generate(conversation, params)
+    assert len(sizes) > 1 and max(sizes) <= 2, sizes
+    [unbounded] = make_engine(tiny_ckpt, vision_tiles_per_pass=None).generate(conversation, params)
+    assert bounded.token_ids == unbounded.token_ids
+    with pytest.raises(ValueError, match="vision_tiles_per_pass"):
+        make_engine(tiny_ckpt, vision_tiles_per_pass=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Failures stay with their request
 # ---------------------------------------------------------------------------------------------

@@ -341,9 +341,12 @@ class SmolvlmRunner:
 
     def weight_bytes_per_token(self) -> int:
         """Weights a decode step reads: every decoder layer, the final norm and lm_head (not the embeddings)."""
-        text_model = self.model.model.text_model
-        total = sum(p.numel() * p.element_size() for name, p in text_model.named_parameters() if "embed_tokens" not in name)
-        return total + self.model.lm_head.weight.numel() * self.model.lm_head.weight.element_size()
+        def size(module) -> int:  # parameters, and the int8 weights and scales of quantized layers (quant.py)
+            tensors = [p for name, p in module.named_parameters() if "embed_tokens" not in name]
+            tensors += [b for name, b in module.named_buffers() if name.endswith(("qweight", "scales"))]
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        return size(self.model.model.text_model) + size(self.model.lm_head)
 
 
 # =============================================================================================

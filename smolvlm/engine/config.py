@@ -15,6 +15,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
+    # The vision tower runs over at most this many tiles (frames) at a time: its activations, ~25 MB per
+    # 512² tile in fp32, then stay bounded whatever the image or video (None: all of a request's at once)
+    vision_tiles_per_pass: int | None = 4
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
     # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,
@@ -28,7 +31,7 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an int >= {low}, got {value!r}")
-        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len"):
+        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len", "vision_tiles_per_pass"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an int >= 1, got {value!r}")

@@ -70,6 +70,7 @@ class ModelRunner:
         vision_cache: VisionFeatureCache,
         ops: Ops = TORCH_OPS,
         graphs: CudaGraphDecoder | None = None,
+        vision_tiles_per_pass: int | None = None,
     ):
         self.model = model
         self.ops = ops  # the few-row operations of every decoder call (smolvlm/ops.py)
@@ -78,6 +79,7 @@ class ModelRunner:
         self.backend = backend
         self.sampler = sampler
         self.vision_cache = vision_cache
+        self.vision_tiles_per_pass = vision_tiles_per_pass  # EngineConfig.vision_tiles_per_pass
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.vision_attention = vision_attention_for(backend, self.device, model.config.vision.head_dim)
@@ -94,10 +96,10 @@ class ModelRunner:
             image = span.image  # request.ImageInput
             pixels = image.pixel_values.to(self.device)
             mask = None if image.pixel_attention_mask is None else image.pixel_attention_mask.to(self.device)
-            if self.vision_attention is None:
-                features = self.model.image_features(pixels, mask)  # (n_tiles, image_seq_len, hidden)
-            else:
-                features = self.model.image_features(pixels, mask, attention=self.vision_attention)
+            options = {"tiles_per_pass": self.vision_tiles_per_pass}
+            if self.vision_attention is not None:
+                options["attention"] = self.vision_attention
+            features = self.model.image_features(pixels, mask, **options)  # (n_tiles, image_seq_len, hidden)
             self.num_vision_calls += 1
             features = features.reshape(-1, features.shape[-1])  # (n_tiles * image_seq_len, hidden)
             self.vision_cache.put(span.content_hash, features)
