@@ -73,6 +73,10 @@ class TorchOps:
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rotary(x, cos, sin)
 
+    def decoder_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention):
+        """A whole decoder layer in one kernel, or None: the layer runs op by op (always, here)."""
+        return None
+
 
 TORCH_OPS = TorchOps()
 
@@ -101,6 +105,7 @@ class KernelOps(TorchOps):
 
     def __init__(self, kernels: DecodeKernels):
         self.kernels = kernels
+        self._plans: dict[int, tuple] = {}  # id(layer) -> (weights key, kernels.layer_plan, layer): decoder_layer
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
@@ -124,3 +129,36 @@ class KernelOps(TorchOps):
         if not (torch.is_grad_enabled() and x.requires_grad) and self.kernels.accepts_rotary(x, cos):
             return self.kernels.rotary(x, cos, sin)
         return apply_rotary(x, cos, sin)
+
+    def decoder_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention):
+        """text.DecoderLayer in one call of `kernels.decoder_layer` (the per-op kernels composed in C),
+        when all of it can: a decode step of the engine (`attention.fused_decode` gives this layer's
+        KV cache and the step's metadata: all decodes, C attention), a few rows, and a plain layer
+        (`layer.plain_tensors`). Else None, and the layer runs op by op. Returns a new tensor.
+        The checked weight half of the kernel's arguments (`kernels.layer_plan`) is kept per layer and
+        made again whenever any of the layer's tensors is another one or has moved."""
+        fn = getattr(self.kernels, "decoder_layer", None)
+        fused_decode = getattr(attention, "fused_decode", None)
+        if fn is None or fused_decode is None or x.dim() != 2 or x.shape[0] > self.kernels.max_rows \
+                or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        tensors = layer.plain_tensors()
+        if tensors is None:
+            return None
+        step = fused_decode(layer.self_attn.layer_idx, x.shape[0])
+        if step is None:
+            return None
+        # the tensors by identity and address: the plan (raw pointers) is made again when any differs;
+        # the cache holds the tensors, so their ids cannot be reused by others while it does
+        key = (tuple(map(id, tensors)), tuple(t.data_ptr() for t in tensors))
+        cached = self._plans.get(id(layer))
+        if cached is None or cached[0] != key:
+            parts = layer.plain_parts(tensors)
+            if parts is None:
+                return None
+            plan = self.kernels.layer_plan(parts["norms"], parts["qkv"], parts["o"], parts["gate_up"], parts["down"],
+                                           parts["heads"], cos.shape[-1], parts["eps"], parts["scale"])
+            cached = self._plans[id(layer)] = (key, plan, layer, tensors)  # the layer held too: its id stays its own
+        out = x.clone()  # (M, D), updated in place by the kernel: the caller's x is left as it was
+        fn(cached[1], out, cos.contiguous(), sin.contiguous(), *step)
+        return out

@@ -5,9 +5,11 @@ one fp32 scale per group of 32 input values, like llama.cpp's Q8_0 weights.
     q[n, k]     = round(w[n, k] / scale[n, k // 32])  in [-127, 127]
     w'[n, k]    = q[n, k] * scale[n, k // 32]         (|w - w'| <= scale / 2 for every element)
 
-Only the weights are quantized: activations, the KV cache, norms, the embedding table and the whole
-vision tower keep the model's dtype, so the one error is in the weights (the accuracy against
-fp32, measured, is in docs/benchmarks.md). A decode step reads 28 % of fp32's weight bytes (int8
+Only the weights are stored quantized: activations, the KV cache, norms, the embedding table and
+the whole vision tower keep the model's dtype. The C kernel's AVX2 path rounds each product's input
+to int16 on the fly (one scale per 32 values: 2^-16 of the group's largest, against the weights'
+2^-8), to multiply in integers; the reference (`int8_linear`) keeps it in fp32. The accuracy against
+fp32, measured, is in docs/benchmarks.md. A decode step reads 28 % of fp32's weight bytes (int8
 plus a 4-byte scale per 32).
 
 Speed: the C kernel takes decode-sized products (CPU, up to `CpuKernels.max_rows_int8` rows); other

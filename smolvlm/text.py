@@ -176,8 +176,78 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn, ops: Ops = TORCH_OPS
     ) -> torch.Tensor:
+        # An engine's decode step may run the whole layer as one kernel (ops.KernelOps.decoder_layer): the
+        # same ops as below, for a plain layer only (no hooks, adapters or gradients), else None.
+        fused = ops.decoder_layer(self, x, cos, sin, attention)
+        if fused is not None:
+            return fused
         x = x + self.self_attn(call_with_ops(self.input_layernorm, x, ops), cos, sin, attention, ops)
         return x + self.mlp(call_with_ops(self.post_attention_layernorm, x, ops), ops)
+
+    def plain_tensors(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors a fused decoder-layer kernel reads, when this layer computes exactly `forward`
+        above with nothing in the way: no hook on any of its modules (nor global ones), projections that
+        are bias-free `Linear`s or `quant.Int8Linear`s (not LoRA-wrapped or replaced), norms that are
+        this file's RMSNorm, no gradients wanted. Else None. Order: the two norm weights, then per
+        projection (q, k, v, o, gate, up, down) its weight (Linear) or qweight and scales (Int8Linear).
+        Runs once per layer and decode step: it reads the modules' dicts directly (nn.Module's attribute
+        lookup costs more than the checks)."""
+        if _torch_modules._global_forward_hooks or _torch_modules._global_forward_pre_hooks:
+            return None
+        attn, mlp = self._modules["self_attn"], self._modules["mlp"]
+        ln1, ln2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
+        if type(ln1) is not RMSNorm or type(ln2) is not RMSNorm or ln1.eps != ln2.eps:
+            return None
+        a, m = attn._modules, mlp._modules
+        projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
+        for module in (self, attn, mlp, a["weights"], ln1, ln2, *projections):
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None
+        grad = torch.is_grad_enabled()
+        tensors = [ln1._parameters["weight"], ln2._parameters["weight"]]
+        for module in projections:
+            if type(module) is Linear:
+                if module._parameters["bias"] is not None:
+                    return None
+                tensors.append(module._parameters["weight"])
+            elif type(module).__name__ == "Int8Linear":  # smolvlm.quant (which imports this file: matched by name)
+                tensors += (module._buffers["qweight"], module._buffers["scales"])
+            else:
+                return None
+        if grad and any(t.requires_grad for t in tensors):
+            return None
+        return tuple(tensors)
+
+    def plain_parts(self, tensors: tuple[torch.Tensor, ...]) -> dict | None:
+        """`plain_tensors()` arranged for the kernel: projections as lists of [weight, scales or None,
+        rows] pieces, where weights lying back to back in memory form one piece (rows: all of theirs,
+        one longer product; weights.huge_page_arena lays q/k/v and gate/up out so); the rest one each."""
+        attn = self._modules["self_attn"]
+        rest = list(tensors[2:])
+        per_projection = []
+        for _ in range(7):  # q, k, v, o, gate, up, down
+            weight = rest.pop(0)
+            scales = rest.pop(0) if weight.dtype == torch.int8 else None
+            if weight.dim() != 2 or not weight.is_contiguous():
+                return None
+            per_projection.append((weight, scales))
+
+        def pieces(group) -> list:
+            out = []
+            for weight, scales in group:
+                prev = out[-1] if out else None
+                if prev is not None and scales is None and prev[1] is None and weight.dtype == prev[0].dtype \
+                        and weight.shape[1] == prev[0].shape[1] \
+                        and weight.data_ptr() == prev[0].data_ptr() + prev[2] * weight.shape[1] * weight.element_size():
+                    prev[2] += weight.shape[0]  # continues the previous piece in memory
+                else:
+                    out.append([weight, scales, weight.shape[0]])
+            return out
+
+        ln1 = self._modules["input_layernorm"]
+        return {"norms": tensors[:2], "eps": ln1.eps, "qkv": pieces(per_projection[0:3]), "o": pieces(per_projection[3:4]),
+                "gate_up": pieces(per_projection[4:6]), "down": pieces(per_projection[6:7]),
+                "heads": (attn.num_heads, attn.num_kv_heads), "scale": attn.scale, "layer_idx": attn.layer_idx}
 
 
 class TextModel(nn.Module):

@@ -40,7 +40,17 @@ from smolvlm_kernels.reference import reference_paged_decode_attention, referenc
 
 BF16_HALF_ULP = 2.0**-8  # round-to-nearest bf16: |rounded - exact| <= 2^-8 |exact|
 BF16_MARGIN = 1.25  # our bf16 error vs fp32 <= 1.25 x that of a reference with the same roundings
-KERNEL_METHODS = ("matvec", "rms_norm", "rotary", "store_kv", "paged_decode_attention")
+KERNEL_METHODS = ("matvec", "rms_norm", "rotary", "store_kv", "paged_decode_attention")  # the per-op path
+FUSED_METHODS = ("matvec", "decoder_layer")  # decode steps with whole layers in one call (and the LM head)
+
+
+@pytest.fixture(params=["fused", "per-op"])
+def fusion(request, monkeypatch) -> str:
+    """Decode steps with KernelOps.decoder_layer (whole layers in one C call), or op by op (the layer
+    kernel switched off): both are the engine's C path, and both are checked."""
+    if request.param == "per-op":
+        monkeypatch.setattr(KernelOps, "decoder_layer", TorchOps.decoder_layer)
+    return request.param
 
 
 @pytest.fixture(scope="module", params=["native", "generic"])
@@ -508,7 +518,7 @@ def test_build_caches_under_xdg_cache_home(tmp_path, monkeypatch):
 def kernel_calls(monkeypatch):
     """Counts the calls of each CpuKernels method (all instances), to prove the kernels did run."""
     calls = collections.Counter()
-    for name in KERNEL_METHODS:
+    for name in (*KERNEL_METHODS, "decoder_layer"):
         original = getattr(CpuKernels, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
@@ -526,7 +536,7 @@ def first_difference(a, b):
     return f"lengths differ: {len(a)} vs {len(b)}"
 
 
-def test_engine_tiny_kernels_on_and_off_agree(tiny_ckpt, photos, short_video, tmp_path, kernel_calls):
+def test_engine_tiny_kernels_on_and_off_agree(tiny_ckpt, photos, short_video, tmp_path, kernel_calls, fusion):
     image = tmp_path / "astronaut.png"
     photos["astronaut"].convert("RGB").save(image)
     conversations = [
@@ -547,7 +557,9 @@ def test_engine_tiny_kernels_on_and_off_agree(tiny_ckpt, photos, short_video, tm
             assert r.error is None and len(r.token_ids) == 24, (i, r.error, len(r.token_ids))
         tokens[choice] = [r.token_ids for r in results]
         if choice == "c":
-            assert all(kernel_calls[m] > 0 for m in KERNEL_METHODS), dict(kernel_calls)
+            used = FUSED_METHODS if fusion == "fused" else KERNEL_METHODS
+            assert all(kernel_calls[m] > 0 for m in used), dict(kernel_calls)
+            assert (kernel_calls["decoder_layer"] > 0) == (fusion == "fused"), dict(kernel_calls)
         else:
             assert sum(kernel_calls.values()) == 0, dict(kernel_calls)
     for i, (a, b) in enumerate(zip(tokens["c"], tokens["torch"])):
@@ -632,13 +644,9 @@ class RoundOnceBackend(TorchBackend):
         return super().decode(q.float(), k_cache.float(), v_cache.float(), metadata, scale).to(q.dtype)
 
 
-def test_bf16_decode_with_kernels_is_as_accurate(grafted_ckpt, grafted_fp32, kernels, kernel_calls, one_thread):
-    """Real decoder weights, 32 tokens fed one per step (so every product, norm and attention call is a
-    decode-sized one): bf16 logits with the kernels, and from two references with the same roundings
-    (RoundOnceOps with fp32 sums, RoundOnceFp64Ops with fp64 sums), all against the fp32 model's logits.
-    Same roundings but other summation orders give errors of one size: the kernels' error must stay
-    within BF16_MARGIN of the larger reference error, whatever the CPU (no PyTorch bf16 kernel is
-    involved). Measured on the grafted checkpoint (AMD EPYC, AVX2): max 0.78-0.99, mean 0.105-0.122 for all three."""
+@pytest.fixture(scope="module")
+def bf16_references(grafted_ckpt, grafted_fp32):
+    """(ids, fp32 logits, the two same-rounding references, the bf16 model), computed once for the module."""
     fp32_model, processor = grafted_fp32
     text = ("The capital of France is Paris, and the capital of Germany is Berlin. The largest planet in the "
             "solar system is Jupiter, and the smallest planet, closest to the sun, is")
@@ -646,13 +654,23 @@ def test_bf16_decode_with_kernels_is_as_accurate(grafted_ckpt, grafted_fp32, ker
     assert len(ids) == 32
     with torch.inference_mode():
         truth = fp32_model(torch.tensor([ids]))[0].float()  # (T, vocab): whole prompt, plain PyTorch
-    # (the fp32 decode path with the kernels is checked token for token by the engine test above)
     model = SmolVLM.from_pretrained(grafted_ckpt, dtype=torch.bfloat16)
-    kernel_calls.clear()
     references = [stepwise_logits(model, RoundOnceBackend(), ops, ids) for ops in (RoundOnceOps(), RoundOnceFp64Ops())]
-    assert sum(kernel_calls.values()) == 0
+    return ids, truth, references, model
+
+
+def test_bf16_decode_with_kernels_is_as_accurate(bf16_references, kernels, kernel_calls, one_thread, fusion):
+    """Real decoder weights, 32 tokens fed one per step (so every product, norm and attention call is a
+    decode-sized one): bf16 logits with the kernels, and from two references with the same roundings
+    (RoundOnceOps with fp32 sums, RoundOnceFp64Ops with fp64 sums), all against the fp32 model's logits.
+    Same roundings but other summation orders give errors of one size: the kernels' error must stay
+    within BF16_MARGIN of the larger reference error, whatever the CPU (no PyTorch bf16 kernel is
+    involved). Measured on the grafted checkpoint (AMD EPYC, AVX2): max 0.78-0.99, mean 0.105-0.122 for all three.
+    (The fp32 decode path with the kernels is checked token for token by the engine test above.)"""
+    ids, truth, references, model = bf16_references
+    kernel_calls.clear()
     with_kernels = stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
-    assert all(kernel_calls[m] > 0 for m in KERNEL_METHODS), dict(kernel_calls)
+    assert all(kernel_calls[m] > 0 for m in (FUSED_METHODS if fusion == "fused" else KERNEL_METHODS)), dict(kernel_calls)
 
     assert torch.isfinite(with_kernels).all()
     ours_err = (with_kernels - truth).abs()
@@ -669,3 +687,82 @@ def test_bf16_decode_with_kernels_is_as_accurate(grafted_ckpt, grafted_fp32, ker
     agree = float((with_kernels.argmax(-1) == truth.argmax(-1)).float().mean())
     agree_ref = min(float((r.argmax(-1) == truth.argmax(-1)).float().mean()) for r in references)
     assert agree >= agree_ref - 2 / len(ids), f"argmax agreement with fp32: kernels {agree:.2f}, references >= {agree_ref:.2f}"
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
+def test_fused_decoder_layer_matches_the_per_op_path(tiny_ckpt, kernels, kernel_calls, mode, monkeypatch):
+    """KernelOps.decoder_layer (one C call per layer) against the same kernels op by op, on decode steps
+    over a paged cache: the same products, norms, RoPE and attention in the same order, so the logits
+    agree to the few ulps where silu's exp differs (libm's expf vs PyTorch's vectorised exp)."""
+    from smolvlm.quant import quantize_decoder
+
+    model = SmolVLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
+    if mode == "int8":
+        quantize_decoder(model)
+    ids = list(range(5, 29))
+    kernel_calls.clear()
+    fused = stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
+    assert kernel_calls["decoder_layer"] == len(ids) * model.config.text.num_hidden_layers, dict(kernel_calls)
+    with monkeypatch.context() as patch:
+        patch.setattr(KernelOps, "decoder_layer", TorchOps.decoder_layer)
+        kernel_calls.clear()
+        per_op = stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
+        assert kernel_calls["decoder_layer"] == 0
+    scale = float(per_op.abs().max())
+    tolerance = scale * (2.0**-6 if mode == "bf16" else 2.0**-18)  # a bf16 flip / fp32 ulps, amplified by depth
+    difference = (fused - per_op).abs()
+    assert float(difference.max()) <= tolerance, (
+        f"max |fused - per-op| {float(difference.max()):.3g} at {divmod(int(difference.argmax()), per_op.shape[1])}, "
+        f"tolerance {tolerance:.3g}")
+    assert torch.equal(fused.argmax(-1), per_op.argmax(-1))
+
+
+def test_fused_decoder_layer_steps_aside_for_hooks_and_other_backends(tiny_ckpt, kernels, kernel_calls):
+    """A hook anywhere in a layer (or a non-C attention backend) sends that layer op by op, where the hook runs."""
+    model = SmolVLM.from_pretrained(tiny_ckpt)
+    ids = list(range(5, 13))
+    seen = []
+    layer = model.model.text_model.layers[1]
+    handle = layer.mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    kernel_calls.clear()
+    stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
+    layers = model.config.text.num_hidden_layers
+    assert len(seen) == len(ids) and kernel_calls["decoder_layer"] == len(ids) * (layers - 1), dict(kernel_calls)
+    handle.remove()
+    kernel_calls.clear()
+    stepwise_logits(model, TorchBackend(), KernelOps(kernels), ids)
+    assert kernel_calls["decoder_layer"] == 0, dict(kernel_calls)
+    # a replaced weight is seen at the next step (the layer's plan is made again)
+    kernel_calls.clear()
+    before = stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight = torch.nn.Parameter(torch.zeros_like(layer.mlp.down_proj.weight))
+    ops = KernelOps(kernels)
+    after_fused = stepwise_logits(model, CpuBackend(kernels), ops, ids)
+    assert not torch.equal(before, after_fused)
+    reference = stepwise_logits(model, TorchBackend(), TorchOps(), ids)
+    torch.testing.assert_close(after_fused, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decoder_layer_errors_name_the_tensor(kernels):
+    d, hq, hkv, dh, f = 64, 4, 2, 16, 128
+    w = lambda n, k: torch.randn(n, k)  # noqa: E731
+    norms = (torch.ones(d), torch.ones(d))
+    plan_args = ([[w((hq + 2 * hkv) * dh, d), None, (hq + 2 * hkv) * dh]], [[w(d, hq * dh), None, d]],
+                 [[w(2 * f, d), None, 2 * f]], [[w(d, f), None, d]], (hq, hkv), dh, 1e-5, 0.25)
+    plan = kernels.layer_plan(norms, *plan_args)
+    with pytest.raises(ValueError, match="projection sizes"):
+        kernels.layer_plan(norms, [[w(10, d), None, 10]], *plan_args[1:])
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.layer_plan(norms, [[w((hq + 2 * hkv) * dh, d).bfloat16(), None, (hq + 2 * hkv) * dh]], *plan_args[1:])
+    cache = torch.zeros(4, 16, hkv, dh)
+    good = dict(x=torch.randn(1, d), cos=torch.ones(1, dh), sin=torch.zeros(1, dh), k_cache=cache, v_cache=cache.clone(),
+                slot_mapping=torch.tensor([0]), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                seq_lens=torch.ones(1, dtype=torch.int32))
+    kernels.decoder_layer(plan, **good)  # runs
+    for name, bad, match in (("x", torch.randn(1, d + 1), "x must be"), ("cos", torch.ones(2, dh), "cos/sin"),
+                             ("k_cache", torch.zeros(4, 16, hkv, dh + 2), "caches"),
+                             ("seq_lens", torch.ones(1, dtype=torch.int64), "seq_lens"),
+                             ("block_tables", torch.full((1, 1), 9, dtype=torch.int32), "out of range")):
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            kernels.decoder_layer(plan, **dict(good, **{name: bad}))

@@ -138,9 +138,9 @@ def convert_checkpoint(llama: LlamaCpp, model_dir: Path, modes: list[str]) -> No
     video_edge = pre.get("video_sampling", {}).get("video_size", {}).get("longest_edge", 512)
     jobs = []
     for mode in modes:
-        jobs.append((llama.text_gguf(MODES[mode]["text"]), MODES[mode]["text"], [], None))
-        jobs.append((llama.mmproj_gguf(MODES[mode]["mmproj"]), MODES[mode]["mmproj"], ["--mmproj"], None))
-        jobs.append((llama.mmproj_gguf(MODES[mode]["mmproj"], video=True), MODES[mode]["mmproj"], ["--mmproj"], video_edge))
+        jobs.append((llama.text_gguf(MODES[mode]["text"]), MODES[mode]["text"], (), None))
+        jobs.append((llama.mmproj_gguf(MODES[mode]["mmproj"]), MODES[mode]["mmproj"], ("--mmproj",), None))
+        jobs.append((llama.mmproj_gguf(MODES[mode]["mmproj"], video=True), MODES[mode]["mmproj"], ("--mmproj",), video_edge))
     env = dict(os.environ)
     gguf_py = llama.convert.parent / "gguf-py"
     if gguf_py.is_dir():  # the converter's own gguf package, matching its version
@@ -230,7 +230,7 @@ def run_mtmd(llama: LlamaCpp, mode: str, images: list[Path], prompt: str, new_to
         "--mmproj", str(llama.mmproj_gguf(MODES[mode]["mmproj"], video=video)),
         *[a for image in images for a in ("--image", str(image))],
         "-p", prompt, "-n", str(new_tokens), "--ignore-eos", "--temp", "0",
-        "-t", str(threads), "-c", "8192", "--no-mmproj-offload",
+        "-t", str(threads), "-c", "8192", "--no-mmproj-offload", "-lv", "4",  # -lv 4: its timings are printed
     ]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     readers = [StampedPipe(process.stdout), StampedPipe(process.stderr)]

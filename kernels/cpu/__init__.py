@@ -48,6 +48,23 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")  # kernels/cpu/cpu_kernels.c
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as the enum in cpu_kernels.c
 I64, INT, FLOAT, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+class _Piece(ctypes.Structure):  # smolvlm_piece in cpu_kernels.c
+    _fields_ = [("w", PTR), ("scales", PTR), ("n", I64)]
+
+
+class _Layer(ctypes.Structure):  # smolvlm_layer in cpu_kernels.c (same order, same types)
+    _fields_ = [
+        ("M", I64), ("D", I64), ("Hq", I64), ("Hkv", I64), ("Dh", I64), ("F", I64),
+        ("dtype", INT), ("wtype", INT), ("eps", FLOAT), ("scale", FLOAT),
+        ("x", PTR), ("ln1", PTR), ("ln2", PTR),
+        ("qkv", _Piece * 3), ("o", _Piece), ("gate_up", _Piece * 2), ("down", _Piece),
+        ("n_qkv", INT), ("n_gate_up", INT),
+        ("cos", PTR), ("sin", PTR), ("k_cache", PTR), ("v_cache", PTR),
+        ("num_blocks", I64), ("block_size", I64), ("max_blocks", I64),
+        ("slot_mapping", PTR), ("block_tables", PTR), ("seq_lens", PTR), ("num_threads", INT),
+    ]
+
+
 SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
     "smolvlm_matvec": [PTR, INT, PTR, INT, PTR, INT, I64, I64, I64, INT],
     "smolvlm_matvec_q8": [PTR, PTR, PTR, INT, PTR, INT, I64, I64, I64, INT],
@@ -57,7 +74,11 @@ SIGNATURES = {  # C function -> argument types (all return int: 0 = success)
     "smolvlm_paged_decode_attention": [PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, I64, I64, I64, I64, I64, FLOAT, INT],
     "smolvlm_simd_avx512": [],
     "smolvlm_q8_avx2": [],
+    "smolvlm_simd_avx2": [],
+    "smolvlm_decoder_layer": [ctypes.POINTER(_Layer)],
 }
+
+
 GENERIC_ENV = "SMOLVLM_CPU_KERNELS_GENERIC"  # "1": every load() builds the portable paths only
 
 
@@ -151,6 +172,7 @@ class CpuKernels:
         self._lib = library
         self.avx512 = bool(library.smolvlm_simd_avx512())  # False: the portable C paths
         self.q8_avx2 = bool(library.smolvlm_q8_avx2())  # the int8 matvec's AVX2 path (else portable C)
+        self.avx2 = bool(library.smolvlm_simd_avx2())  # fp32/bf16 matvec's AVX2 path (no AVX-512 here)
 
     def __repr__(self) -> str:
         return f"CpuKernels({'avx512' if self.avx512 else 'generic'})"
@@ -269,6 +291,114 @@ class CpuKernels:
         if status:
             self._status("smolvlm_rms_norm", status)
         return out
+
+    # ------------------------------------------------------------------ a whole decoder layer
+
+    def layer_plan(
+        self,
+        norms: tuple[torch.Tensor, torch.Tensor],
+        qkv: list,
+        o: list,
+        gate_up: list,
+        down: list,
+        heads: tuple[int, int],
+        head_dim: int,
+        eps: float,
+        scale: float,
+    ) -> _Layer:
+        """The checked, step-independent half of `decoder_layer`'s arguments, for one layer's weights
+        (kept by the caller while those weights stay the same). Projections are lists of (weight, scales,
+        rows) pieces side by side: (W (n, K) fp32/bf16, None, rows) or (q int8 (n, K), scales fp32
+        (n, K / 32), n). rows > n: the rows after W's own continue in the weights that follow it in
+        memory (the caller has checked they do: text.DecoderLayer.plain_parts). norms: (input_layernorm,
+        post_attention_layernorm) weights; heads: (Hq, Hkv)."""
+        hq, hkv = heads
+        d = norms[0].shape[0]
+        dtype = norms[0].dtype
+        for name, t in (("input_layernorm", norms[0]), ("post_attention_layernorm", norms[1])):
+            if t.dtype not in DTYPE_CODES or t.dtype != dtype or t.shape != (d,) or not (t.is_cpu and t.is_contiguous()):
+                raise ValueError(f"decoder_layer: {name} weight must be a contiguous CPU float32/bfloat16 ({d},) tensor")
+        weights = [w for w, scales, _ in (*qkv, *o, *gate_up, *down) if scales is None]
+        wtype = weights[0].dtype if weights else dtype
+        f = sum(rows for _, _, rows in gate_up) // 2
+        if len(o) != 1 or len(down) != 1:
+            raise ValueError("decoder_layer: o and down projections are one piece each")
+
+        def piece(w: torch.Tensor, scales: torch.Tensor | None, rows: int, k: int) -> _Piece:
+            if not (w.is_cpu and w.is_contiguous() and w.dim() == 2 and w.shape[1] == k):
+                raise ValueError(f"decoder_layer: weight {tuple(w.shape)} should be a contiguous CPU (n, {k}) matrix")
+            if scales is None:
+                if w.dtype != wtype or w.dtype not in DTYPE_CODES:
+                    raise TypeError(f"decoder_layer: weights must share one dtype, float32 or bfloat16, got {w.dtype} and {wtype}")
+                return _Piece(w.data_ptr(), None, rows)
+            if rows != w.shape[0]:
+                raise ValueError("decoder_layer: an int8 piece is one weight")
+            if w.dtype != torch.int8 or scales.dtype != torch.float32 or not (scales.is_cpu and scales.is_contiguous()) \
+                    or tuple(scales.shape) != (w.shape[0], k // 32) or k % 32:
+                raise ValueError(f"decoder_layer: int8 weight {tuple(w.shape)} {w.dtype} needs fp32 scales "
+                                 f"({w.shape[0]}, {k // 32}), got {scales.dtype} {tuple(scales.shape)}")
+            return _Piece(w.data_ptr(), scales.data_ptr(), w.shape[0])
+
+        if not 1 <= len(qkv) <= 3 or not 1 <= len(gate_up) <= 2:
+            raise ValueError(f"decoder_layer: q/k/v in 1-3 pieces and gate/up in 1-2, got {len(qkv)} and {len(gate_up)}")
+        if sum(rows for _, _, rows in qkv) != (hq + 2 * hkv) * head_dim or o[0][2] != d or down[0][2] != d \
+                or sum(rows for _, _, rows in gate_up) != 2 * f or head_dim % 2:
+            raise ValueError("decoder_layer: projection sizes do not match the heads, head size and hidden size")
+        plan = _Layer()
+        plan.D, plan.Hq, plan.Hkv, plan.Dh, plan.F = d, hq, hkv, head_dim, f
+        plan.dtype, plan.wtype, plan.eps, plan.scale = DTYPE_CODES[dtype], DTYPE_CODES.get(wtype, DTYPE_CODES[dtype]), eps, scale
+        plan.ln1, plan.ln2 = norms[0].data_ptr(), norms[1].data_ptr()
+        for i, (w, sc, rows) in enumerate(qkv):
+            plan.qkv[i] = piece(w, sc, rows, d)
+        for i, (w, sc, rows) in enumerate(gate_up):
+            plan.gate_up[i] = piece(w, sc, rows, d)
+        plan.o, plan.down = piece(*o[0], hq * head_dim), piece(*down[0], f)
+        plan.n_qkv, plan.n_gate_up = len(qkv), len(gate_up)
+        return plan
+
+    def decoder_layer(
+        self,
+        plan: _Layer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        """One decoder layer of a decode step, x (M, D) updated in place (smolvlm_decoder_layer in
+        cpu_kernels.c: the per-op kernels in one call); `plan` from `layer_plan` (the layer's weights).
+        cos/sin (M, Dh); caches [num_blocks, block_size, Hkv, Dh]; slot_mapping (M,) int64;
+        block_tables (M, W) and seq_lens (M,) int32. Each mismatch raises, naming the tensor."""
+        m = x.shape[0]
+        dtype = x.dtype
+        if DTYPE_CODES.get(dtype) != plan.dtype or x.dim() != 2 or x.shape[1] != plan.D or not x.is_contiguous() or not x.is_cpu:
+            raise ValueError(f"decoder_layer: x must be a contiguous CPU (M, {plan.D}) tensor of the norms' dtype, "
+                             f"got {dtype} {tuple(x.shape)}")
+        dh = plan.Dh
+        if cos.shape != (m, dh) or sin.shape != (m, dh) or cos.dtype != dtype or sin.dtype != dtype \
+                or not (cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError(f"decoder_layer: cos/sin must be contiguous ({m}, {dh}) {dtype}, got {tuple(cos.shape)} {cos.dtype}")
+        if k_cache.dim() != 4 or k_cache.shape[2:] != (plan.Hkv, dh) or v_cache.shape != k_cache.shape \
+                or k_cache.dtype != dtype or v_cache.dtype != dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError(f"decoder_layer: caches must be contiguous [blocks, block_size, {plan.Hkv}, {dh}] {dtype}, "
+                             f"got {tuple(k_cache.shape)} {k_cache.dtype}")
+        if slot_mapping.shape != (m,) or seq_lens.shape != (m,) or block_tables.dim() != 2 or block_tables.shape[0] != m \
+                or slot_mapping.dtype != torch.int64 or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+            raise ValueError(f"decoder_layer: slot_mapping ({m},) int64, block_tables ({m}, W) and seq_lens ({m},) int32, "
+                             f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}, {tuple(block_tables.shape)} "
+                             f"{block_tables.dtype}, {tuple(seq_lens.shape)} {seq_lens.dtype}")
+        slot_mapping, block_tables, seq_lens = slot_mapping.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
+        plan.M, plan.x, plan.cos, plan.sin = m, x.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        plan.k_cache, plan.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        plan.num_blocks, plan.block_size, plan.max_blocks = k_cache.shape[0], k_cache.shape[1], block_tables.shape[1]
+        plan.slot_mapping, plan.block_tables, plan.seq_lens = slot_mapping.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr()
+        plan.num_threads = torch.get_num_threads()
+        status = self._lib.smolvlm_decoder_layer(ctypes.byref(plan))
+        if status:
+            self._status("smolvlm_decoder_layer", status)
 
     # ------------------------------------------------------------------ rotary embedding
 

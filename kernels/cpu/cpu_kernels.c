@@ -37,10 +37,26 @@
 #else
 #define SMOLVLM_AVX512 0
 #endif
+/* Without AVX-512, the weight products use AVX2 + FMA where the compiler targets them (8 lanes). */
+#if !SMOLVLM_AVX512 && defined(__AVX2__) && defined(__FMA__) && !defined(SMOLVLM_GENERIC)
+#define SMOLVLM_AVX2 1
+#include <immintrin.h>
+#else
+#define SMOLVLM_AVX2 0
+#endif
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
 
-#define ROWS 4                /* weight rows per block: 4 independent memory streams in flight */
+/* Weight rows per block. 4 independent memory streams in flight was fastest on an Intel Xeon with
+ * AVX-512; on an AMD EPYC (AVX2, 2 cores) one row at a time, a single sequential stream per thread, reads
+ * 1.5-2x faster (16 vs 11 GB/s fp32, 17.5 vs 9 bf16; docs/benchmarks.md). -DROWS=n overrides. */
+#ifndef ROWS
+#if SMOLVLM_AVX512
+#define ROWS 4
+#else
+#define ROWS 1
+#endif
+#endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192   /* how far ahead of the loads each row's stream is prefetched */
 #endif
@@ -95,6 +111,53 @@ static inline __m512 load16_f32(const float *p, __mmask16 m) { return _mm512_mas
         for (int m = 0; m < MR; m++)                                                          \
             for (int r = 0; r < NR; r++) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);   \
     }
+#elif SMOLVLM_AVX2
+/* 8 weights at p -> 8 fp32 lanes */
+static inline __m256 load8_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);                                   /* 8 x u16 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  /* << 16 */
+}
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+/* WTYPE is uint16_t (bf16) or float: a constant condition, folded away */
+#define LOAD8(WTYPE, p) (sizeof(WTYPE) == 2 ? load8_bf16((const uint16_t *)(p)) : load8_f32((const float *)(p)))
+#define LOAD1(WTYPE, p) (sizeof(WTYPE) == 2 ? bf16_to_f32(*(const uint16_t *)(p)) : *(const float *)(p))
+/* As the AVX-512 version, 8 lanes at a time (16 per step, one prefetch per step and row); a K that
+ * is not a multiple of 8 finishes in scalar code. LOAD is not used: LOAD8 picks by WTYPE. */
+#define DEFINE_DOT(NAME, WTYPE, LOAD, NR, MR)                                                 \
+    static void NAME(const void *wv, int64_t K, const float *x, float *out) {                 \
+        const WTYPE *w = (const WTYPE *)wv;                                                   \
+        __m256 acc[MR][NR], wk[NR];                                                           \
+        for (int m = 0; m < MR; m++)                                                          \
+            for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();                     \
+        int64_t k = 0;                                                                        \
+        for (; k + 16 <= K; k += 16) {                                                        \
+            for (int h = 0; h < 16; h += 8) {                                                 \
+                for (int r = 0; r < NR; r++) {                                                \
+                    if (h == 0) _mm_prefetch((const char *)(w + r * K + k) + PREFETCH_BYTES, _MM_HINT_T0); \
+                    wk[r] = LOAD8(WTYPE, w + r * K + k + h);                                   \
+                }                                                                             \
+                for (int m = 0; m < MR; m++) {                                                \
+                    __m256 xk = _mm256_loadu_ps(x + m * K + k + h);                           \
+                    for (int r = 0; r < NR; r++) acc[m][r] = _mm256_fmadd_ps(wk[r], xk, acc[m][r]); \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (; k + 8 <= K; k += 8)                                                            \
+            for (int m = 0; m < MR; m++)                                                      \
+                for (int r = 0; r < NR; r++)                                                  \
+                    acc[m][r] = _mm256_fmadd_ps(LOAD8(WTYPE, w + r * K + k), _mm256_loadu_ps(x + m * K + k), acc[m][r]); \
+        for (int m = 0; m < MR; m++)                                                          \
+            for (int r = 0; r < NR; r++) {                                                    \
+                float t = hsum8(acc[m][r]);                                                   \
+                for (int64_t j = k; j < K; j++) t += LOAD1(WTYPE, w + r * K + j) * x[m * K + j]; \
+                out[m * NR + r] = t;                                                          \
+            }                                                                                 \
+    }
 #else
 /* Portable version (no AVX-512): the same loops in plain C, left to the compiler to vectorise. */
 #define LANES 16
@@ -141,9 +204,19 @@ static const dot_fn DOTS[2][2][3] = {
     {{dot_bf16_4x1, dot_bf16_4x2, dot_bf16_4x4}, {dot_bf16_1x1, dot_bf16_1x2, dot_bf16_1x4}},
 };
 
+/* y row m starts at y + m * ldy (elements): ldy = N for a plain (M, N) output, more when the product
+ * fills some columns of a wider one (the fused decoder layer's q/k/v and gate/up pieces). */
+static int matvec_ld(const void *w, int w_dtype, const void *x, int x_dtype, void *y, int y_dtype,
+                     int64_t M, int64_t N, int64_t K, int64_t ldy, int num_threads);
+
 /* Returns 0 on success, 1 on an unknown dtype code, 2 if the fp32 copy of x cannot be allocated. */
 int smolvlm_matvec(const void *w, int w_dtype, const void *x, int x_dtype, void *y, int y_dtype,
                    int64_t M, int64_t N, int64_t K, int num_threads) {
+    return matvec_ld(w, w_dtype, x, x_dtype, y, y_dtype, M, N, K, N, num_threads);
+}
+
+static int matvec_ld(const void *w, int w_dtype, const void *x, int x_dtype, void *y, int y_dtype,
+                     int64_t M, int64_t N, int64_t K, int64_t ldy, int num_threads) {
     if ((w_dtype != DTYPE_F32 && w_dtype != DTYPE_BF16) || (x_dtype != DTYPE_F32 && x_dtype != DTYPE_BF16) ||
         (y_dtype != DTYPE_F32 && y_dtype != DTYPE_BF16))
         return 1;
@@ -174,7 +247,7 @@ int smolvlm_matvec(const void *w, int w_dtype, const void *x, int x_dtype, void 
             }
             for (int64_t m = 0; m < mr; m++)
                 for (int64_t r = 0; r < rows; r++) {
-                    int64_t i = (m0 + m) * N + n0 + r;  /* y is (M, N) */
+                    int64_t i = (m0 + m) * ldy + n0 + r;  /* y row m0 + m, column n0 + r */
                     if (y_dtype == DTYPE_BF16) ((uint16_t *)y)[i] = f32_to_bf16(out[m * ROWS + r]);
                     else ((float *)y)[i] = out[m * ROWS + r];
                 }
@@ -432,73 +505,114 @@ int smolvlm_rotary(const void *x, const void *cos, const void *sin, void *out, i
 /* ------------------------------------------------------------------------------------------------
  * matvec_q8: y (M, N) = x (M, K) @ dequant(w)^T with w int8 (N, K) and scales fp32 (N, K / 32):
  *     dequant(w)[n, k] = w[n, k] * scales[n, k / 32]          (smolvlm/quant.py, `dequantize_int8`)
- * Each group of 32 products is summed in fp32, then scaled: sum_g scale[n, g] * sum_j w[n, 32g + j] x[32g + j],
- * the reference's sum regrouped (equal up to rounding). x stays fp32 (it is not quantized, unlike
- * llama.cpp's Q8_0 x Q8_0 products). A weight byte is read once per call: 28 % of fp32's traffic (with the scales).
- * AVX2 + FMA where the compiler targets them (int8 -> int32 -> fp32 in registers, fused multiply-adds),
- * else plain C.
- * K must be a multiple of 32. Returns 0, 1 on a bad dtype code or K, 2 if x's fp32 copy cannot be allocated.
+ * Summed per group of 32, then scaled: sum_g scale[n, g] * sum_j w[n, 32g + j] x[32g + j].
+ *
+ * AVX2 path (where the compiler targets AVX2 + FMA): x is first rounded to int16 with one fp32 scale
+ * per group of 32, xs[g] = max |x[32g:32g+32]| / 32767 (|error| <= xs[g] / 2 per value: 2^-16 of the
+ * group's largest |x|, against 2^-8 of the weights' own rounding), so that each group's 32 products are
+ * integer multiply-adds (int8 x int16 -> int32, exact: |sum| <= 32 * 127 * 32767 < 2^24, so its fp32
+ * conversion is exact too), scaled once by scale[n, g] * xs[g]. That halves the instructions per weight
+ * of converting every weight to fp32, and the kernel then streams the weights near memory speed
+ * (llama.cpp's Q8_0 rounds x to int8 instead, 2^-8 of the group's largest). The portable path keeps x
+ * in fp32 (int8 -> fp32 per weight). A weight byte is read once per call: 28 % of fp32's traffic.
+ * K must be a multiple of 32. Returns 0, 1 on a bad dtype code or K, 2 if x's copy cannot be allocated.
  * -------------------------------------------------------------------------------------------- */
 #define Q8_GROUP 32
+#ifndef Q8_PREFETCH
+#define Q8_PREFETCH 1024  /* bytes ahead of the loads that each row stream is prefetched */
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLVLM_GENERIC)
 #include <immintrin.h>
-/* One weight row against one x row: per group, the 32 int8 -> fp32 (4 x 8 lanes) times x, summed in a
- * vector, then scaled into the row's accumulator; one horizontal sum at the end. */
-static float dot_q8_row(const int8_t *w, const float *scale, const float *x, int64_t G) {
+#define SMOLVLM_Q8_AVX2 1
+/* x (K,) fp32 -> xq (K,) int16 and xs (K / 32,) fp32 scales, as described above (round to nearest even) */
+static void quantize_x16(const float *x, int64_t K, int16_t *xq, float *xs) {
+    for (int64_t g = 0; g < K / Q8_GROUP; g++) {
+        float amax = 0;
+        for (int j = 0; j < Q8_GROUP; j++) { float a = fabsf(x[g * Q8_GROUP + j]); amax = a > amax ? a : amax; }
+        float scale = amax / 32767.0f;
+        xs[g] = scale;
+        float inv = scale > 0 ? 1.0f / scale : 0.0f;
+        for (int j = 0; j < Q8_GROUP; j++) {
+            float v = nearbyintf(x[g * Q8_GROUP + j] * inv);
+            xq[g * Q8_GROUP + j] = (int16_t)(v > 32767.0f ? 32767.0f : (v < -32767.0f ? -32767.0f : v));
+        }
+    }
+}
+/* One weight row against one int16 x row: per group, 2 x 16 int8 weights widened to int16, multiplied
+ * and pair-summed with x (vpmaddwd: 8 int32 lanes), converted once, scaled into the accumulator. */
+static inline float dot_q8_row(const int8_t *w, const float *scale, const int16_t *xq, const float *xs, int64_t G) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const int8_t *wg = w + g * Q8_GROUP;
-        const float *xg = x + g * Q8_GROUP;
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)wg);
-        __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
-        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xg));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xg + 8), s);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xg + 16), s);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xg + 24), s);
-        acc = _mm256_fmadd_ps(s, _mm256_set1_ps(scale[g]), acc);
+        _mm_prefetch((const char *)wg + Q8_PREFETCH, _MM_HINT_T0);
+        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));         /* 16 x int16 */
+        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + g * Q8_GROUP))),
+                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + g * Q8_GROUP + 16))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale[g] * xs[g]), acc);
     }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
-#define SMOLVLM_Q8_AVX2 1
 #else
-static float dot_q8_row(const int8_t *w, const float *scale, const float *x, int64_t G) {
+#define SMOLVLM_Q8_AVX2 0
+static inline float dot_q8_row_f32(const int8_t *w, const float *scale, const float *x, int64_t G) {
     float acc = 0;
     for (int64_t g = 0; g < G; g++) {
+        const int8_t *wg = w + g * Q8_GROUP;
+        const float *xg = x + g * Q8_GROUP;
         float lanes[8] = {0};
         for (int j = 0; j < Q8_GROUP; j += 8)
-            for (int l = 0; l < 8; l++) lanes[l] += (float)w[g * Q8_GROUP + j + l] * x[g * Q8_GROUP + j + l];
+            for (int l = 0; l < 8; l++) lanes[l] += (float)wg[j + l] * xg[j + l];
         acc += scale[g] * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
     }
     return acc;
 }
-#define SMOLVLM_Q8_AVX2 0
 #endif
+
+static int matvec_q8_ld(const int8_t *w, const float *scales, const void *x, int x_dtype, void *y, int y_dtype,
+                        int64_t M, int64_t N, int64_t K, int64_t ldy, int num_threads);
 
 int smolvlm_matvec_q8(const int8_t *w, const float *scales, const void *x, int x_dtype, void *y, int y_dtype,
                       int64_t M, int64_t N, int64_t K, int num_threads) {
+    return matvec_q8_ld(w, scales, x, x_dtype, y, y_dtype, M, N, K, N, num_threads);
+}
+
+static int matvec_q8_ld(const int8_t *w, const float *scales, const void *x, int x_dtype, void *y, int y_dtype,
+                        int64_t M, int64_t N, int64_t K, int64_t ldy, int num_threads) {
     if ((x_dtype != DTYPE_F32 && x_dtype != DTYPE_BF16) || (y_dtype != DTYPE_F32 && y_dtype != DTYPE_BF16) ||
         K % Q8_GROUP != 0)
         return 1;
+    int64_t G = K / Q8_GROUP;
     float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
     if (xf == NULL) return 2;
     for (int64_t i = 0; i < M * K; i++)
         xf[i] = x_dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-    int64_t G = K / Q8_GROUP;
+#if SMOLVLM_Q8_AVX2
+    int16_t *xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    float *xs = (float *)malloc((size_t)(M * G) * sizeof(float));
+    if (xq == NULL || xs == NULL) { free(xf); free(xq); free(xs); return 2; }
+    for (int64_t m = 0; m < M; m++) quantize_x16(xf + m * K, K, xq + m * K, xs + m * G);
+#endif
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
-        const float *scale = scales + n * G;
-        __builtin_prefetch(row + 4 * K);
-        for (int64_t m = 0; m < M; m++) {  /* M is 1-8: the row stays in L1 after the first */
-            float acc = dot_q8_row(row, scale, xf + m * K, G);
-            int64_t i = m * N + n;
+        for (int64_t m = 0; m < M; m++) {  /* M is 1-32: the row stays in L1 after the first */
+#if SMOLVLM_Q8_AVX2
+            float acc = dot_q8_row(row, scales + n * G, xq + m * K, xs + m * G, G);
+#else
+            float acc = dot_q8_row_f32(row, scales + n * G, xf + m * K, G);
+#endif
+            int64_t i = m * ldy + n;
             if (y_dtype == DTYPE_BF16) ((uint16_t *)y)[i] = f32_to_bf16(acc);
             else ((float *)y)[i] = acc;
         }
     }
+#if SMOLVLM_Q8_AVX2
+    free(xq);
+    free(xs);
+#endif
     free(xf);
     return 0;
 }
@@ -508,3 +622,118 @@ int smolvlm_q8_avx2(void) { return SMOLVLM_Q8_AVX2; }
 
 /* 1 when the AVX-512 paths were compiled in, 0 for the portable C paths. */
 int smolvlm_simd_avx512(void) { return SMOLVLM_AVX512; }
+
+/* 1 when the fp32 / bf16 weight products' AVX2 + FMA path was compiled in (a CPU without AVX-512). */
+int smolvlm_simd_avx2(void) { return SMOLVLM_AVX2; }
+
+/* ------------------------------------------------------------------------------------------------
+ * decoder_layer: one whole decoder layer of a decode step (M <= a few tokens, one per sequence), in one
+ * call, the same kernels in the same order as the per-op path (smolvlm/text.py DecoderLayer.forward
+ * with KernelOps and the CPU attention backend):
+ *     h = rms_norm(x, ln1);  qkv = h @ [Wq; Wk; Wv]^T;  q, k = rotary(q, k);  store k, v in the cache
+ *     x = x + (paged_decode_attention(q) @ Wo^T)
+ *     h = rms_norm(x, ln2);  g, u = h @ [Wg; Wu]^T;  x = x + ((silu(g) * u) @ Wd^T)
+ * The residual adds and silu * up are the ones PyTorch does (fp32 arithmetic, rounded to the dtype
+ * after each op); silu's exp is libm's expf, where PyTorch uses its own vectorised exp (both within
+ * about an ulp of each other), so this path matches the per-op one to rounding, not bit for bit.
+ * A projection is 1-3 pieces side by side (fused fp32/bf16 weights: 1; int8 q/k/v: 3), each fp32/bf16
+ * (scales NULL) or int8 with scales. x (M, D) is updated in place. Returns 0, or a kernel's error code
+ * (1 bad dtype, 2 out of memory, 3 a slot or block outside the cache).
+ * -------------------------------------------------------------------------------------------- */
+typedef struct {
+    const void *w;        /* (n, K) fp32/bf16 (dtype `wtype` of the layer), or int8 when scales != NULL */
+    const float *scales;  /* (n, K / 32) fp32, or NULL */
+    int64_t n;            /* output features of this piece */
+} smolvlm_piece;
+
+typedef struct {
+    int64_t M, D, Hq, Hkv, Dh, F;  /* tokens, hidden, query heads, KV heads, head dim, MLP width */
+    int dtype, wtype;              /* activations (and norms, cos/sin, KV cache); fp32/bf16 weights */
+    float eps, scale;              /* RMSNorm epsilon; attention softmax scale */
+    void *x;                       /* (M, D), in and out */
+    const void *ln1, *ln2;         /* (D,) */
+    smolvlm_piece qkv[3], o, gate_up[2], down;
+    int n_qkv, n_gate_up;
+    const void *cos, *sin;         /* (M, Dh) */
+    void *k_cache, *v_cache;       /* [num_blocks, block_size, Hkv, Dh] */
+    int64_t num_blocks, block_size, max_blocks;
+    const int64_t *slot_mapping;   /* (M,) */
+    const int32_t *block_tables;   /* (M, max_blocks) */
+    const int32_t *seq_lens;       /* (M,) */
+    int num_threads;
+} smolvlm_layer;
+
+static int project(const smolvlm_layer *L, const smolvlm_piece *pieces, int count, const void *x, int64_t K,
+                   void *y, int64_t ldy) {
+    size_t elem = L->dtype == DTYPE_BF16 ? 2 : 4;
+    int64_t col = 0;
+    for (int i = 0; i < count; i++) {
+        char *yi = (char *)y + (size_t)col * elem;
+        int status = pieces[i].scales
+            ? matvec_q8_ld((const int8_t *)pieces[i].w, pieces[i].scales, x, L->dtype, yi, L->dtype, L->M, pieces[i].n, K, ldy, L->num_threads)
+            : matvec_ld(pieces[i].w, L->wtype, x, L->dtype, yi, L->dtype, L->M, pieces[i].n, K, ldy, L->num_threads);
+        if (status) return status;
+        col += pieces[i].n;
+    }
+    return 0;
+}
+
+static inline float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+int smolvlm_decoder_layer(const smolvlm_layer *L) {
+    int dt = L->dtype;
+    if ((dt != DTYPE_F32 && dt != DTYPE_BF16) || (L->wtype != DTYPE_F32 && L->wtype != DTYPE_BF16)) return 1;
+    int64_t M = L->M, D = L->D, Dh = L->Dh, Hq = L->Hq, Hkv = L->Hkv, F = L->F;
+    int64_t Hall = Hq + 2 * Hkv;
+    size_t elem = dt == DTYPE_BF16 ? 2 : 4;
+    /* scratch, in the activations' dtype: h (M, D), qkv (M, Hall, Dh), qk rotated (M, Hq + Hkv, Dh),
+     * k and v contiguous (M, Hkv, Dh) each, attention out (M, Hq, Dh), o (M, D), gate_up (M, 2F) */
+    size_t sizes[8] = {M * D, M * Hall * Dh, M * (Hq + Hkv) * Dh, M * Hkv * Dh, M * Hkv * Dh, M * Hq * Dh, M * D, M * 2 * F};
+    size_t total = 0;
+    for (int i = 0; i < 8; i++) total += sizes[i];
+    char *scratch = (char *)malloc(total * elem);
+    if (scratch == NULL) return 2;
+    char *buf[8];
+    for (size_t i = 0, off = 0; i < 8; off += sizes[i], i++) buf[i] = scratch + off * elem;
+    char *h = buf[0], *qkv = buf[1], *qk = buf[2], *kc = buf[3], *vc = buf[4], *att = buf[5], *o = buf[6], *gu = buf[7];
+    int status = 0;
+
+    /* attention half */
+    if ((status = smolvlm_rms_norm(L->x, L->ln1, h, dt, M, D, L->eps))) goto done;
+    if ((status = project(L, L->qkv, L->n_qkv, h, D, qkv, Hall * Dh))) goto done;
+    /* q and k heads rotated together (qkv rows are Hall * Dh apart) */
+    if ((status = smolvlm_rotary(qkv, L->cos, L->sin, qk, dt, M, Hq + Hkv, Dh, Hall * Dh))) goto done;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(kc + (size_t)(m * Hkv * Dh) * elem, qk + (size_t)((m * (Hq + Hkv) + Hq) * Dh) * elem, (size_t)(Hkv * Dh) * elem);
+        memcpy(vc + (size_t)(m * Hkv * Dh) * elem, qkv + (size_t)((m * Hall + Hq + Hkv) * Dh) * elem, (size_t)(Hkv * Dh) * elem);
+    }
+    if ((status = smolvlm_store_kv(kc, vc, L->k_cache, L->v_cache, L->slot_mapping, M, (int64_t)(Hkv * Dh * elem),
+                                   L->num_blocks * L->block_size))) goto done;
+    /* the query heads: the first Hq of each row of qk, rows (Hq + Hkv) * Dh apart -> contiguous (M, Hq, Dh),
+     * held in qkv's room (no longer needed: k and v were copied out) */
+    char *q = qkv;
+    for (int64_t m = 0; m < M; m++)
+        memcpy(q + (size_t)(m * Hq * Dh) * elem, qk + (size_t)(m * (Hq + Hkv) * Dh) * elem, (size_t)(Hq * Dh) * elem);
+    if ((status = smolvlm_paged_decode_attention(q, L->k_cache, L->v_cache, att, L->block_tables, L->seq_lens, dt,
+                                                  M, Hq, Hkv, Dh, L->block_size, L->max_blocks, L->num_blocks,
+                                                  L->scale, L->num_threads))) goto done;
+    if ((status = project(L, &L->o, 1, att, Hq * Dh, o, D))) goto done;
+    for (int64_t i = 0; i < M * D; i++) store_value(L->x, dt, i, load_value(L->x, dt, i) + load_value(o, dt, i));
+
+    /* MLP half */
+    if ((status = smolvlm_rms_norm(L->x, L->ln2, h, dt, M, D, L->eps))) goto done;
+    if ((status = project(L, L->gate_up, L->n_gate_up, h, D, gu, 2 * F))) goto done;
+    /* silu(gate) * up, each op rounded to the dtype as PyTorch does, packed as (M, F) at the start of gu:
+     * element (m, j) goes to m * F + j, at or before where it is read (m * 2F + j), so nothing unread is overwritten */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < F; j++) {
+            int64_t g = m * 2 * F + j;
+            float a = round_to(dt, silu_f(load_value(gu, dt, g)));
+            store_value(gu, dt, m * F + j, a * load_value(gu, dt, g + F));
+        }
+    if ((status = project(L, &L->down, 1, gu, F, o, D))) goto done;
+    for (int64_t i = 0; i < M * D; i++) store_value(L->x, dt, i, load_value(L->x, dt, i) + load_value(o, dt, i));
+done:
+    free(scratch);
+    return status;
+}

@@ -266,6 +266,18 @@ class PagedAttention:
         self.metadata = metadata
         self.backend = backend
 
+    def fused_decode(self, layer_idx: int, num_tokens: int):
+        """For a whole-layer decode kernel (ops.KernelOps.decoder_layer): (k_cache, v_cache, slot_mapping,
+        block_tables, seq_lens) of this layer and step, when the step is all decodes, one token per
+        sequence, and the attention would run on the C backend (the kernel runs the same C attention);
+        else None."""
+        md = self.metadata
+        if not isinstance(self.backend, CpuBackend) or md.num_decodes != md.num_seqs or num_tokens != md.num_seqs:
+            return None
+        k_cache, v_cache = self.cache.layer(layer_idx)
+        b = md.num_seqs
+        return k_cache, v_cache, md.slot_mapping[:b], md.block_tables[:b], md.seq_lens[:b]
+
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q (N, Hq, D), k/v (N, Hkv, D); scale: the model's (text.Attention.scale)
         k_cache, v_cache = self.cache.layer(layer_idx)
