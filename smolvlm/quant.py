@@ -28,19 +28,26 @@ import torch
 from torch import nn
 
 from smolvlm.linear import Linear, linear
+from smolvlm.weights import huge_page_buffers
 
 GROUP = 32
 
 
-def quantize_int8(weight: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    weight: torch.Tensor, rows_per_chunk: int = 2048, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K), K a multiple of 32 -> (q int8 (N, K), scales fp32 (N, K / 32)), computed in fp32.
     `rows_per_chunk` rows at a time, so the fp32 temporaries stay small (the 49k-row LM head would
     otherwise need several fp32 copies of itself at once); the result does not depend on it."""
     n, k = weight.shape
     if k % GROUP:
         raise ValueError(f"int8 quantization needs in_features divisible by {GROUP}, got {k}")
-    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(n, k // GROUP, dtype=torch.float32, device=weight.device)
+    if out is None:
+        out = (torch.empty(n, k, dtype=torch.int8, device=weight.device),
+               torch.empty(n, k // GROUP, dtype=torch.float32, device=weight.device))
+    q, scales = out  # (N, K) int8, (N, K / 32) fp32: written in place (e.g. views of a huge-page buffer)
+    if q.shape != (n, k) or scales.shape != (n, k // GROUP) or q.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise ValueError(f"quantize_int8: out should be int8 {(n, k)} and fp32 {(n, k // GROUP)} tensors")
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n))
         w = weight[rows].detach().float().reshape(-1, k // GROUP, GROUP)  # (rows, G, 32)
@@ -110,10 +117,23 @@ def quantize_decoder(model) -> int:
     # checkpoint, resident) until the last one is quantized; this way one is freed as the next is read.
     targets = [name for name, m in model.named_modules()
                if type(m) is Linear and (name.startswith("model.text_model.") or name == "lm_head")]
+    # On CPU the int8 weights go into one huge-page buffer (weights.huge_page_buffers): all qweights in
+    # module order, then all scales, so a layer's q/k/v (and gate/up) weights lie back to back, as do
+    # their scales, and a decode step streams them from huge pages (as the fp32/bf16 weights).
+    into = None
+    if targets and all(model.get_submodule(n).weight.device.type == "cpu" for n in targets):
+        shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in targets}
+        specs = {f"{n}.qweight": (s, torch.int8) for n, s in shapes.items()}
+        specs.update({f"{n}.scales": ((s[0], s[1] // GROUP), torch.float32) for n, s in shapes.items() if not s[1] % GROUP})
+        into = huge_page_buffers(specs)
     for name in targets:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, Int8Linear.from_linear(getattr(owner, child)))
+        module = getattr(owner, child)
+        if module.bias is not None:
+            raise ValueError("Int8Linear has no bias (the decoder's projections and LM head have none)")
+        out = None if into is None or f"{name}.scales" not in into else (into[f"{name}.qweight"], into[f"{name}.scales"])
+        setattr(owner, child, Int8Linear(*quantize_int8(module.weight, out=out)))
         count += 1
     if count == 0:
         raise ValueError("no decoder Linear layers to quantize (already quantized, or adapters not merged?)")

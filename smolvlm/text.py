@@ -221,7 +221,8 @@ class DecoderLayer(nn.Module):
     def plain_parts(self, tensors: tuple[torch.Tensor, ...]) -> dict | None:
         """`plain_tensors()` arranged for the kernel: projections as lists of [weight, scales or None,
         rows] pieces, where weights lying back to back in memory form one piece (rows: all of theirs,
-        one longer product; weights.huge_page_arena lays q/k/v and gate/up out so); the rest one each."""
+        one longer product; weights.huge_page_arena and quant.quantize_decoder lay q/k/v and gate/up out
+        so: for int8, their scales too); the rest one each."""
         attn = self._modules["self_attn"]
         rest = list(tensors[2:])
         per_projection = []
@@ -236,9 +237,15 @@ class DecoderLayer(nn.Module):
             out = []
             for weight, scales in group:
                 prev = out[-1] if out else None
-                if prev is not None and scales is None and prev[1] is None and weight.dtype == prev[0].dtype \
-                        and weight.shape[1] == prev[0].shape[1] \
-                        and weight.data_ptr() == prev[0].data_ptr() + prev[2] * weight.shape[1] * weight.element_size():
+                k = weight.shape[1]
+                follows = prev is not None and weight.dtype == prev[0].dtype and k == prev[0].shape[1] \
+                    and weight.data_ptr() == prev[0].data_ptr() + prev[2] * k * weight.element_size()
+                if follows and (scales is None) != (prev[1] is None):
+                    follows = False
+                if follows and scales is not None:  # int8: the scales must continue theirs too
+                    follows = scales.is_contiguous() and scales.shape[1] == prev[1].shape[1] \
+                        and scales.data_ptr() == prev[1].data_ptr() + prev[2] * scales.shape[1] * 4
+                if follows:
                     prev[2] += weight.shape[0]  # continues the previous piece in memory
                 else:
                     out.append([weight, scales, weight.shape[0]])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import mmap
 import sys
 from pathlib import Path
@@ -86,20 +87,30 @@ def huge_page_arena(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     The buffer is virtual memory until written: slots that `load_weights` leaves unused (tensors
     used as mapped from the file) cost nothing. It lives as long as its views.
     """
-    element = torch.empty((), dtype=dtype).element_size()
-    offsets: dict[str, tuple[int, torch.Size]] = {}
+    return huge_page_buffers({name: (p.shape, dtype) for name, p in model.named_parameters()})
+
+
+def huge_page_buffers(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """One huge-page-backed CPU buffer cut into uninitialised tensors, name -> (shape, dtype), back to
+    back in the order given (no gap: consecutive tensors of one dtype are adjacent in memory). Each
+    tensor starts at a multiple of its element size (sizes are rounded up to 8 bytes between tensors
+    only when the next tensor's alignment needs it)."""
+    offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
     total = 0
-    for name, p in model.named_parameters():
-        offsets[name] = (total, p.shape)
-        total += p.numel() * element  # back to back: no gap between q/k/v (or gate/up)
+    for name, (shape, dtype) in specs.items():
+        element = torch.empty((), dtype=dtype).element_size()
+        total = -(-total // element) * element  # aligned for this dtype
+        offsets[name] = (total, tuple(shape), dtype)
+        total += math.prod(shape) * element
     buffer = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere plain pages
         buffer.madvise(mmap.MADV_HUGEPAGE)
     flat = torch.frombuffer(buffer, dtype=torch.uint8)  # keeps `buffer` alive
-    return {
-        name: flat[start : start + shape.numel() * element].view(dtype).view(shape)
-        for name, (start, shape) in offsets.items()
-    }
+    out = {}
+    for name, (start, shape, dtype) in offsets.items():
+        element = torch.empty((), dtype=dtype).element_size()
+        out[name] = flat[start : start + math.prod(shape) * element].view(dtype).view(shape)
+    return out
 
 
 def load_weights(

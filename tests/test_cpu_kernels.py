@@ -701,8 +701,12 @@ def test_fused_decoder_layer_matches_the_per_op_path(tiny_ckpt, kernels, kernel_
         quantize_decoder(model)
     ids = list(range(5, 29))
     kernel_calls.clear()
-    fused = stepwise_logits(model, CpuBackend(kernels), KernelOps(kernels), ids)
+    ops = KernelOps(kernels)
+    fused = stepwise_logits(model, CpuBackend(kernels), ops, ids)
     assert kernel_calls["decoder_layer"] == len(ids) * model.config.text.num_hidden_layers, dict(kernel_calls)
+    # the loader (fp32/bf16) and quantize_decoder (int8, scales too) lay q/k/v and gate/up out back to back:
+    # each is one product
+    assert all(plan.n_qkv == 1 and plan.n_gate_up == 1 for _, plan, _, _ in ops._plans.values())
     with monkeypatch.context() as patch:
         patch.setattr(KernelOps, "decoder_layer", TorchOps.decoder_layer)
         kernel_calls.clear()

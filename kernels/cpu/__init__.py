@@ -309,7 +309,7 @@ class CpuKernels:
         """The checked, step-independent half of `decoder_layer`'s arguments, for one layer's weights
         (kept by the caller while those weights stay the same). Projections are lists of (weight, scales,
         rows) pieces side by side: (W (n, K) fp32/bf16, None, rows) or (q int8 (n, K), scales fp32
-        (n, K / 32), n). rows > n: the rows after W's own continue in the weights that follow it in
+        (n, K / 32), rows). rows > n: the rows after W's own (and, for int8, its scales') continue in the tensors that follow in
         memory (the caller has checked they do: text.DecoderLayer.plain_parts). norms: (input_layernorm,
         post_attention_layernorm) weights; heads: (Hq, Hkv)."""
         hq, hkv = heads
@@ -331,13 +331,11 @@ class CpuKernels:
                 if w.dtype != wtype or w.dtype not in DTYPE_CODES:
                     raise TypeError(f"decoder_layer: weights must share one dtype, float32 or bfloat16, got {w.dtype} and {wtype}")
                 return _Piece(w.data_ptr(), None, rows)
-            if rows != w.shape[0]:
-                raise ValueError("decoder_layer: an int8 piece is one weight")
             if w.dtype != torch.int8 or scales.dtype != torch.float32 or not (scales.is_cpu and scales.is_contiguous()) \
                     or tuple(scales.shape) != (w.shape[0], k // 32) or k % 32:
                 raise ValueError(f"decoder_layer: int8 weight {tuple(w.shape)} {w.dtype} needs fp32 scales "
                                  f"({w.shape[0]}, {k // 32}), got {scales.dtype} {tuple(scales.shape)}")
-            return _Piece(w.data_ptr(), scales.data_ptr(), w.shape[0])
+            return _Piece(w.data_ptr(), scales.data_ptr(), rows)
 
         if not 1 <= len(qkv) <= 3 or not 1 <= len(gate_up) <= 2:
             raise ValueError(f"decoder_layer: q/k/v in 1-3 pieces and gate/up in 1-2, got {len(qkv)} and {len(gate_up)}")

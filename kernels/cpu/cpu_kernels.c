@@ -351,6 +351,17 @@ static inline float dot_row(const float *q, const void *row, int dtype, int64_t 
         }
         return _mm512_reduce_add_ps(acc);
     }
+#elif SMOLVLM_AVX2
+    if (D % 16 == 0) {  /* two 8-lane accumulators, one horizontal sum at the end */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t d = 0; d < D; d += 16) {
+            __m256 r0 = dtype == DTYPE_BF16 ? load8_bf16((const uint16_t *)row + d) : _mm256_loadu_ps((const float *)row + d);
+            __m256 r1 = dtype == DTYPE_BF16 ? load8_bf16((const uint16_t *)row + d + 8) : _mm256_loadu_ps((const float *)row + d + 8);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), r0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), r1, a1);
+        }
+        return hsum8(_mm256_add_ps(a0, a1));
+    }
 #endif
     float lanes[16] = {0};
     int64_t d = 0;
@@ -407,6 +418,23 @@ static void weighted_sum(const void *v_cache, const int64_t *rows, const float *
         }
         _mm512_storeu_ps(out, a0); _mm512_storeu_ps(out + 16, a1);
         _mm512_storeu_ps(out + 32, a2); _mm512_storeu_ps(out + 48, a3);
+        return;
+    }
+#elif SMOLVLM_AVX2
+    if (D == 64) {  /* 8 accumulators of 8 lanes stay in registers */
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            __m256 wt = _mm256_set1_ps(w[t]);
+            if (dtype == DTYPE_BF16) {
+                const uint16_t *r = (const uint16_t *)v_cache + rows[t];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(wt, load8_bf16(r + 8 * j), a[j]);
+            } else {
+                const float *r = (const float *)v_cache + rows[t];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8 * j), a[j]);
+            }
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, a[j]);
         return;
     }
 #endif
