@@ -228,3 +228,73 @@ def test_eval_int8_smoke(tmp_path, tiny_ckpt):
     assert acc["prompts"] == 2 and acc["positions"] > 0
     assert 0 < acc["logit_max_abs"] < 1 and 0 <= acc["top1_agreement"] <= 1  # quantized: close, not equal
     assert [row[0] for row in table_rows(result.stdout, "int8")] == ["int8"]
+
+
+FAKE_MTMD = r'''
+import os, sys, time
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("version: 1 (stand-in)", file=sys.stderr)
+    sys.exit(0)
+for flag in ("-m", "--mmproj", "--image"):
+    assert os.path.isfile(args[args.index(flag) + 1]), (flag, args)
+n = int(args[args.index("-n") + 1])
+assert "--ignore-eos" in args and args[args.index("--temp") + 1] == "0" and args[args.index("-lv") + 1] == "4"
+print("loading model ...", file=sys.stderr, flush=True)
+print("0.01.166.141 W WARN: This is an experimental CLI for testing multimodal capability.", file=sys.stderr, flush=True)
+time.sleep(0.2)  # "reading, encoding and prefilling the image"
+print("", flush=True)  # the newline after the prompt's evaluation
+for i in range(n):
+    print(f"tok{i} ", end="", flush=True)
+    time.sleep(0.01)
+print("llama_perf_context_print: prompt eval time =     200.00 ms /   123 tokens", file=sys.stderr)
+print(f"llama_perf_context_print:        eval time =      {10.0 * (n - 1):.2f} ms /     {n - 1} runs", file=sys.stderr)
+'''
+FAKE_BENCH = r'''
+import json, sys
+args = sys.argv[1:]
+assert args[args.index("-p") + 1] == "0" and "-o" in args
+print(json.dumps([{"avg_ts": 123.5, "n_gen": int(args[args.index("-n") + 1])}]))
+'''
+FAKE_CONVERT = r'''
+import json, pathlib, sys
+args = sys.argv[1:]
+source = pathlib.Path(args[0])
+assert json.loads((source / "config.json").read_text())["text_config"]["architectures"] == ["VLlama3ForCausalLM"]
+pathlib.Path(args[args.index("--outfile") + 1]).write_bytes(b"GGUF stand-in " + " ".join(args[1:]).encode())
+'''
+
+
+def test_bench_llamacpp_smoke(tmp_path, tiny_ckpt):
+    """The llama.cpp comparison end to end, with stand-ins for llama.cpp's tools (CI has no llama.cpp
+    build): our side runs for real on the tiny checkpoint; the stand-ins print what llama-mtmd-cli /
+    llama-bench print, so the parsing (TTFT from stamped output, decode from its timings, peak RSS
+    from wait4), the conversion step and the tables are checked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, source in (("llama-mtmd-cli", FAKE_MTMD), ("llama-bench", FAKE_BENCH)):
+        tool = bin_dir / name
+        tool.write_text(f"#!{sys.executable}\n{source}")
+        tool.chmod(0o755)
+    convert = tmp_path / "convert_hf_to_gguf.py"
+    convert.write_text(FAKE_CONVERT)
+    report_path, gguf = tmp_path / "llama.json", tmp_path / "gguf"
+    result = run_tool("bench_llamacpp.py", "--model", tiny_ckpt, "--llama-bin", bin_dir, "--convert", convert,
+                      "--gguf-dir", gguf, "--json", report_path)
+    assert sorted(p.name for p in gguf.iterdir()) == ["mmproj-f32-video.gguf", "mmproj-f32.gguf", "text-f32.gguf"]
+    assert b"--mmproj" in (gguf / "mmproj-f32-video.gguf").read_bytes()
+    report = json.loads(report_path.read_text())
+    assert report["llama_cpp"] == "version: 1 (stand-in)" and list(report["runs"]) == ["fp32"]
+    summary = report["runs"]["fp32"]["summary"]
+    assert summary["text"]["llama.cpp"]["decode_tok_s"] == 123.5
+    assert positive(summary["text"]["smolvlm"]["decode_tok_s"])
+    photo = summary["photo"]
+    assert math.isclose(photo["llama.cpp"]["decode_tok_s"], 100.0)  # 2 runs in 20 ms
+    assert 0.2 <= photo["llama.cpp"]["ttft_s"] < 5 and photo["llama.cpp"]["prompt_tokens"] == 123
+    assert positive(photo["llama.cpp"]["peak_rss_mb"]) and positive(photo["smolvlm"]["peak_rss_mb"])
+    assert photo["smolvlm"]["prompt_tokens"] > 17 * 16  # 17 tiles x 16 <image> tokens
+    assert positive(photo["smolvlm"]["ttft_s"])
+    assert math.isclose(photo["ratio"]["ttft"], photo["llama.cpp"]["ttft_s"] / photo["smolvlm"]["ttft_s"])
+    samples = report["runs"]["fp32"]["samples"]["photo"]["llama.cpp"]
+    assert samples[0]["text"] == "tok0 tok1 tok2"
+    assert "| fp32 | photo | TTFT s" in result.stdout and "| fp32 | text | decode tok/s" in result.stdout

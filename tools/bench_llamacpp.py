@@ -4,6 +4,9 @@
     python tools/bench_llamacpp.py --llama-bin DIR --modes int8 --scenarios text photo --repeats 3 \
         --json out.json --markdown out.md --model CHECKPOINT_DIR
     python tools/bench_llamacpp.py --from-json out.json --markdown out.md       # re-summarise saved samples
+    python tools/bench_llamacpp.py --smoke --llama-bin DIR --convert PATH       # seconds: tiny checkpoint, fp32,
+                                                          # text + photo, 3 tokens, 1 repeat (tests/test_tools.py
+                                                          # runs it against stand-ins for llama.cpp's tools)
 
 What you need. A llama.cpp build with `llama-mtmd-cli` and `llama-bench` (`--llama-bin`), and its
 converter `convert_hf_to_gguf.py` (`--convert`; default: the one two folders above `--llama-bin`, as in
@@ -77,6 +80,7 @@ MODES = {  # name: smolvlm dtype and options, llama.cpp text and projector types
 }
 ALL_SCENARIOS = ("text", "photo", "video12", "video64")
 NEW_TOKENS = {"text": 64, "photo": 32, "video12": 16, "video64": 16}
+SMOKE_TOKENS = 3
 QUESTIONS = {
     "text": "Explain how photosynthesis works.",
     "photo": "Can you describe this image?",
@@ -285,7 +289,11 @@ def video_frames(model_dir: Path, clip: Path, out_dir: Path) -> tuple[list[Path]
     return paths, text + MEDIA_OUTTRO
 
 
-def smolvlm_scenario(name: str, media: dict[str, Path]) -> e2e.Scenario:
+def new_tokens(name: str, args) -> int:
+    return SMOKE_TOKENS if args.smoke else NEW_TOKENS[name]
+
+
+def smolvlm_scenario(name: str, media: dict[str, Path], args) -> e2e.Scenario:
     question = e2e.text(QUESTIONS[name])
     content = {
         "text": [question],
@@ -293,7 +301,7 @@ def smolvlm_scenario(name: str, media: dict[str, Path]) -> e2e.Scenario:
         "video12": [{"type": "video", "path": str(media.get("clip12"))}, question],
         "video64": [{"type": "video", "path": str(media.get("clip64"))}, question],
     }[name]
-    return e2e.Scenario(name, NEW_TOKENS[name], [e2e.user(*content)], report_names=(name,),
+    return e2e.Scenario(name, new_tokens(name, args), [e2e.user(*content)], report_names=(name,),
                         max_repeats=1 if name == "video64" else None)
 
 
@@ -316,10 +324,10 @@ def run_llama_sample(llama: LlamaCpp, mode: str, name: str, inputs, args) -> dic
     busy0, total0 = e2e.cpu_jiffies()
     start = time.perf_counter()
     if name == "text":
-        sample = run_llama_bench(llama, mode, NEW_TOKENS[name], args.threads)
+        sample = run_llama_bench(llama, mode, new_tokens(name, args), args.threads)
     else:
         images, prompt, video = inputs
-        sample = run_mtmd(llama, mode, images, prompt, NEW_TOKENS[name], args.threads, video=video)
+        sample = run_mtmd(llama, mode, images, prompt, new_tokens(name, args), args.threads, video=video)
     busy1, total1 = e2e.cpu_jiffies()
     # Our own child processes are gone when this returns; what was busy beyond `threads` CPUs was someone else.
     own = min(1.0, args.threads / (os.cpu_count() or 1))
@@ -372,7 +380,7 @@ def run_benchmark(args) -> dict:
             run = {"samples": {}, "children": []}
             report["runs"][mode] = run
             for name in args.scenarios:
-                scenario = smolvlm_scenario(name, media)
+                scenario = smolvlm_scenario(name, media, args)
                 child = e2e.Child("smolvlm", MODES[mode]["dtype"], args, media, {"smolvlm": MODES[mode]["smolvlm"]})
                 try:
                     repeats = min(args.repeats, scenario.max_repeats or args.repeats)
@@ -449,16 +457,27 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--llama-bin", type=Path, help="folder with llama-mtmd-cli and llama-bench")
     p.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (default: two folders above --llama-bin)")
     p.add_argument("--gguf-dir", type=Path, help="where the GGUF files are made and kept (default .cache/gguf/<model name>)")
-    p.add_argument("--model", type=Path, default=REPO_ROOT / ".cache/test-checkpoints/grafted-v1", help="checkpoint directory")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, default=list(ALL_SCENARIOS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the grafted test checkpoint; "
+                   "--smoke: the tiny one)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all (--smoke: fp32)")
+    p.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, help="default: all (--smoke: text photo)")
+    p.add_argument("--repeats", type=int, help="default 3 (--smoke: 1)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quiet-wait", type=float, default=20.0, help="seconds to wait for an idle CPU before each sample")
+    p.add_argument("--quiet-wait", type=float, help="seconds to wait for an idle CPU before each sample "
+                   "(default 20, --smoke: 0)")
+    p.add_argument("--smoke", action="store_true", help="check the tool end to end in seconds; numbers meaningless")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--from-json", type=Path, help="re-summarise a saved --json report instead of running")
     args = p.parse_args(argv)
+    smoke = args.smoke
+    args.modes = args.modes or (["fp32"] if smoke else list(MODES))
+    args.scenarios = args.scenarios or (["text", "photo"] if smoke else list(ALL_SCENARIOS))
+    args.repeats = args.repeats or (1 if smoke else 3)
+    args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if smoke else 20.0)
+    if args.model is None:
+        args.model = e2e.tiny_test_checkpoint() if smoke and args.from_json is None else \
+            REPO_ROOT / ".cache/test-checkpoints/grafted-v1"
     if args.from_json is None:
         if args.llama_bin is None:
             p.error("--llama-bin is required (a llama.cpp build folder with llama-mtmd-cli and llama-bench)")
@@ -467,8 +486,7 @@ def parse_args(argv: list[str] | None):
         args.gguf_dir = (args.gguf_dir or REPO_ROOT / ".cache/gguf" / args.model.resolve().name).expanduser().resolve()
         if not (args.model / "config.json").is_file():
             p.error(f"--model {args.model}: no config.json there")
-    # bench_e2e.run_sample reads these
-    args.smoke, args.retries = False, 0
+    args.retries = 0  # bench_e2e.run_sample reads it
     return args
 
 
