@@ -272,8 +272,9 @@ def test_vision_tower_runs_in_bounded_passes(tiny_ckpt, media):
     engine.model.vision_features = lambda tiles, *a, **k: (sizes.append(tiles.shape[0]), original(tiles, *a, **k))[1]
     [bounded] = engine.generate(conversation, params)
     assert len(sizes) > 1 and max(sizes) <= 2, sizes
-    [unbounded] = make_engine(tiny_ckpt, vision_tiles_per_pass=None).generate(conversation, params)
+    [unbounded] = make_engine(tiny_ckpt, vision_tiles_per_pass=1000).generate(conversation, params)
     assert bounded.token_ids == unbounded.token_ids
+    assert make_engine(tiny_ckpt).runner.vision_tiles_per_pass == 1  # the CPU default
     with pytest.raises(ValueError, match="vision_tiles_per_pass"):
         make_engine(tiny_ckpt, vision_tiles_per_pass=0)
 

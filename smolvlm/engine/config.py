@@ -15,9 +15,11 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of image features kept for reuse
-    # The vision tower runs over at most this many tiles (frames) at a time: its activations, ~25 MB per
-    # 512² tile in fp32, then stay bounded whatever the image or video (None: all of a request's at once)
-    vision_tiles_per_pass: int | None = 4
+    # The vision tower runs over at most this many tiles (frames) at a time, so its activations (~70 MB per
+    # 512² tile in fp32 on CPU, attention scores included) stay bounded whatever the image or video.
+    # None: 1 on CPU (as fast as larger passes there, and the peak memory of one tile: docs/benchmarks.md),
+    # all of an image's tiles at once on CUDA (where batching them is what makes the tower fast).
+    vision_tiles_per_pass: int | None = None
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton backend only)
     # Decode steps on CPU: "c" = smolvlm_cpu_kernels.CpuKernels (C, compiled at first use: weight products,

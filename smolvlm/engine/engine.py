@@ -131,7 +131,8 @@ class Engine:
             graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, config.max_num_seqs, self.max_model_len, self.ops)
         self.runner = ModelRunner(
             model, self.kv_cache, self.backend, self.sampler, VisionFeatureCache(config.vision_cache_memory),
-            self.ops, graphs, vision_tiles_per_pass=config.vision_tiles_per_pass,
+            self.ops, graphs,
+            vision_tiles_per_pass=config.vision_tiles_per_pass or (1 if model.device.type == "cpu" else None),
         )
         self.requests: dict[int, _Request] = {}
         self.stats = EngineStats()
