@@ -441,7 +441,7 @@ def markdown(report: dict) -> str:
             if name != "text":
                 lines.append(f"| {mode} | {name} | TTFT s (prompt tokens {fmt(ours.get('prompt_tokens'), '.0f')} / "
                              f"{fmt(theirs.get('prompt_tokens'), '.0f')}) | {fmt(ours.get('ttft_s'), '.2f')} | "
-                             f"{fmt(theirs.get('ttft_s'), '.2f')} | {fmt(ratio['ttft'], '.2f')}× faster |")
+                             f"{fmt(theirs.get('ttft_s'), '.2f')} | {fmt(ratio['ttft'], '.2f')}× |")
             lines.append(f"| {mode} | {name} | decode tok/s | {fmt(ours.get('decode_tok_s'), '.1f')} | "
                          f"{fmt(theirs.get('decode_tok_s'), '.1f')} | {fmt(ratio['decode'], '.2f')}× |")
             if name != "text":

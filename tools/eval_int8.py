@@ -12,6 +12,13 @@ exact matches, and how many tokens agree before the first difference.
 Speed, each mode in a fresh child process: decode tok/s over `--decode-tokens` forced tokens
 (`ignore_eos`), best and median of `--rounds`, and the process's peak resident memory (VmHWM).
 Prints markdown tables naming the CPU; `--json PATH` writes the numbers.
+
+Beside llama.cpp's Q8_0 (`--llama-bin DIR --gguf-dir DIR`, the folders tools/bench_llamacpp.py uses):
+the same text (`--corpus`, default docs/architecture.md, with < and > removed), cut into chunks of `--ctx` tokens, each
+scored over its second half as `llama-perplexity --kl-divergence` does: KL(fp32 || int8) per token
+and top-1 agreement for smolvlm (its int8 model against its fp32 one, plain forwards), and
+llama-perplexity's "Mean KLD" and "Same top p" for Q8_0 against F32 (llama.cpp's own models, its
+own tokenizer and chunking, a BOS in front of each chunk when the GGUF asks for one).
 """
 
 from __future__ import annotations
@@ -98,6 +105,53 @@ def accuracy(model: str, prompts: list[str], max_tokens: int) -> dict:
             "mean_answer_tokens": statistics.mean(lengths)}
 
 
+def text_kl(model: str, text: str, ctx: int) -> dict:
+    """smolvlm's int8 against fp32 on `text` in chunks of `ctx` tokens, scored over each chunk's second half."""
+    import torch
+
+    from smolvlm import SmolVLM
+    from smolvlm.processing import Processor
+
+    ids = Processor.from_pretrained(model).tokenizer.encode(text, add_special_tokens=False)
+    chunks = [ids[i : i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
+    if not chunks:
+        raise SystemExit(f"the corpus has {len(ids)} tokens, fewer than --ctx {ctx}")
+    models = {q: SmolVLM.from_pretrained(model, quantize=q) for q in (None, "int8")}
+    kl, same, count = 0.0, 0, 0
+    for chunk in chunks:
+        with torch.inference_mode():
+            a = models[None](torch.tensor([chunk]))[0, ctx // 2 : ctx - 1].float()  # (ctx/2 - 1, vocab)
+            b = models["int8"](torch.tensor([chunk]))[0, ctx // 2 : ctx - 1].float()
+        kl += float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum"))
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        count += a.shape[0]
+    return {"chunks": len(chunks), "positions": count, "kl_per_token": kl / count, "top1_agreement": same / count}
+
+
+def llama_text_kl(bin_dir: Path, gguf_dir: Path, corpus: Path, ctx: int, threads: int) -> dict:
+    """llama-perplexity's KL divergence of Q8_0 against F32 on the same corpus and chunk size."""
+    import re
+    import tempfile
+
+    tool = bin_dir / "llama-perplexity"
+    for path in (tool, gguf_dir / "text-f32.gguf", gguf_dir / "text-q8_0.gguf"):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found (build llama-perplexity; make the GGUFs with tools/bench_llamacpp.py)")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "f32.kld"
+        common = ["-f", str(corpus), "-c", str(ctx), "-t", str(threads), "--kl-divergence-base", str(base)]
+        for model, extra in (("text-f32.gguf", []), ("text-q8_0.gguf", ["--kl-divergence"])):
+            done = subprocess.run([str(tool), "-m", str(gguf_dir / model), *common, *extra], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"llama-perplexity failed on {model}:\n{done.stderr[-3000:]}")
+    out = done.stdout + done.stderr
+    kld = re.search(r"Mean\s+KLD:\s*([\d.eE+-]+)", out)
+    same = re.search(r"Same top p:\s*([\d.]+)", out)
+    if not (kld and same):
+        raise SystemExit("llama-perplexity printed no 'Mean KLD' / 'Same top p':\n" + out[-3000:])
+    return {"kl_per_token": float(kld.group(1)), "top1_agreement": float(same.group(1)) / 100}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the tests' grafted checkpoint)")
@@ -107,6 +161,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="speed rounds per process (default 5)")
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per mode, interleaved (default 2)")
     parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--llama-bin", type=Path, help="llama.cpp build folder with llama-perplexity: Q8_0 beside int8")
+    parser.add_argument("--gguf-dir", type=Path, help="the GGUF files of --model (text-f32.gguf, text-q8_0.gguf)")
+    parser.add_argument("--corpus", type=Path, default=REPO / "docs" / "architecture.md", help="text for the KL comparison")
+    parser.add_argument("--ctx", type=int, default=256, help="chunk length of the KL comparison (default 256)")
+    parser.add_argument("--skip-speed", action="store_true", help="accuracy only")
     parser.add_argument("--smoke", action="store_true", help="tiny numbers, seconds (checks the script runs)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,7 +179,7 @@ def main() -> int:
         raise SystemExit(f"{model}: not a checkpoint directory (run the tests once to build it, or pass --model)")
 
     runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
-    for _ in range(args.processes):  # interleaved: the host's drift hits both alike
+    for _ in range(0 if args.skip_speed else args.processes):  # interleaved: the host's drift hits both alike
         for mode in runs:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", model, "--decode-tokens",
                                   str(args.decode_tokens), "--rounds", str(args.rounds)],
@@ -134,12 +193,13 @@ def main() -> int:
     print("| mode | decode tok/s, best | median | peak RSS (MiB) |")
     print("|---|---|---|---|")
     speed = {}
-    for mode, rs in runs.items():
+    for mode, rs in (() if args.skip_speed else runs.items()):
         all_speeds = [s for r in rs for s in r["tok_s"]]
         speed[mode] = {"best": max(all_speeds), "median": statistics.median(all_speeds),
                        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
         print(f"| {mode} | {speed[mode]['best']:.1f} | {speed[mode]['median']:.1f} | {speed[mode]['peak_rss_mb']:.0f} |")
-    print(f"\nint8 / fp32 decode (medians): {speed['int8']['median'] / speed['fp32']['median']:.2f}x\n")
+    if speed:
+        print(f"\nint8 / fp32 decode (medians): {speed['int8']['median'] / speed['fp32']['median']:.2f}x\n")
     print("| accuracy vs fp32 | value |")
     print("|---|---|")
     print(f"| logits max abs diff (fp32 logits up to {acc['logit_abs_max_fp32']:.1f}) | {acc['logit_max_abs']:.4f} |")
@@ -149,9 +209,31 @@ def main() -> int:
     print(f"| greedy answers identical | {acc['exact_answers']} / {acc['prompts']} |")
     print(f"| tokens agreeing before the first difference (mean, of {acc['mean_answer_tokens']:.1f}) | "
           f"{acc['mean_agreeing_prefix']:.1f} |")
+    side_by_side = None
+    if args.llama_bin is not None:
+        if args.gguf_dir is None:
+            raise SystemExit("--llama-bin needs --gguf-dir")
+        import re
+        import tempfile
+
+        # without < and >: the corpus then holds no special token (<image>...) for either tokenizer
+        text = re.sub(r"[<>]", "", args.corpus.read_text())
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(text)
+        try:
+            ours = text_kl(model, text, args.ctx)
+            theirs = llama_text_kl(args.llama_bin, args.gguf_dir, Path(f.name), args.ctx, torch.get_num_threads())
+        finally:
+            os.unlink(f.name)
+        side_by_side = {"corpus": str(args.corpus), "ctx": args.ctx, "smolvlm_int8": ours, "llama_q8_0": theirs}
+        print(f"\nSame text ({args.corpus.name}, chunks of {args.ctx} tokens, second halves scored):\n")
+        print("| against its own fp32 / F32 | smolvlm int8 | llama.cpp Q8_0 |")
+        print("|---|---|---|")
+        print(f"| KL divergence per token | {ours['kl_per_token']:.2e} | {theirs['kl_per_token']:.2e} |")
+        print(f"| top-1 agreement | {100 * ours['top1_agreement']:.2f} % | {100 * theirs['top1_agreement']:.2f} % |")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "model": model, "speed": speed, "runs": runs,
-                                               "accuracy": acc}, indent=1))
+                                               "accuracy": acc, "side_by_side": side_by_side}, indent=1))
     return 0
 
 
