@@ -9,6 +9,7 @@ switch; whoever calls it chooses, per call, and a plain `model(input_ids)` alway
     ops.linear(x, weight, bias)   # F.linear, with linear.py's CPU bf16 rule
     ops.rms_norm(x, weight, eps)  # LlamaRMSNorm
     ops.rotary(x, cos, sin)       # rotate-half RoPE
+    ops.decoder_layer(layer, x, cos, sin, attention)  # optional: a whole text.DecoderLayer, or None
 
 `TorchOps` is plain PyTorch and is what every other implementation is tested against.
 `KernelOps(kernels)` sends the calls that `kernels` accepts (e.g. `smolvlm_cpu_kernels.CpuKernels`:
@@ -53,6 +54,9 @@ class Ops(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...
+
+    # Optional (text.DecoderLayer looks it up): a whole decoder layer in one call, or None to run it op
+    # by op. `linear_int8` is needed by int8 models only (quant.Int8Linear).
 
 
 class TorchOps:

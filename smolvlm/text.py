@@ -178,7 +178,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         # An engine's decode step may run the whole layer as one kernel (ops.KernelOps.decoder_layer): the
         # same ops as below, for a plain layer only (no hooks, adapters or gradients), else None.
-        fused = ops.decoder_layer(self, x, cos, sin, attention)
+        fused_layer = getattr(ops, "decoder_layer", None)  # optional in an Ops of one's own (ops.Ops)
+        fused = None if fused_layer is None else fused_layer(self, x, cos, sin, attention)
         if fused is not None:
             return fused
         x = x + self.self_attn(call_with_ops(self.input_layernorm, x, ops), cos, sin, attention, ops)
