@@ -109,7 +109,7 @@ class KernelOps(TorchOps):
 
     def __init__(self, kernels: DecodeKernels):
         self.kernels = kernels
-        self._plans: dict[int, tuple] = {}  # id(layer) -> (weights key, kernels.layer_plan, layer): decoder_layer
+        self._plans: dict[int, tuple] = {}  # id(layer) -> (key, kernels.layer_plan, layer, tensors): decoder_layer
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
@@ -152,9 +152,9 @@ class KernelOps(TorchOps):
         step = fused_decode(layer.self_attn.layer_idx, x.shape[0])
         if step is None:
             return None
-        # the tensors by identity and address: the plan (raw pointers) is made again when any differs;
+        # the tensors by identity, address and shape: the plan (raw pointers) is made again when any differs;
         # the cache holds the tensors, so their ids cannot be reused by others while it does
-        key = (tuple(map(id, tensors)), tuple(t.data_ptr() for t in tensors))
+        key = (tuple(map(id, tensors)), tuple(t.data_ptr() for t in tensors), tuple(t.shape for t in tensors))
         cached = self._plans.get(id(layer))
         if cached is None or cached[0] != key:
             parts = layer.plain_parts(tensors)

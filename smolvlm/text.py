@@ -35,6 +35,7 @@ from smolvlm.config import TextConfig
 from smolvlm.hookpoint import HookPoint, attention_probabilities, is_hooked, weighted_values
 from smolvlm.linear import Embedding, Linear, call_with_ops, scaled_dot_product_attention
 from smolvlm.ops import TORCH_OPS, Ops
+from smolvlm.quant import Int8Linear
 
 
 # The fused products serve steps of few tokens (decode); long prefills are faster with the separate
@@ -211,7 +212,7 @@ class DecoderLayer(nn.Module):
                 if module._parameters["bias"] is not None:
                     return None
                 tensors.append(module._parameters["weight"])
-            elif type(module).__name__ == "Int8Linear":  # smolvlm.quant (which imports this file: matched by name)
+            elif type(module) is Int8Linear:
                 tensors += (module._buffers["qweight"], module._buffers["scales"])
             else:
                 return None
