@@ -92,9 +92,8 @@ def huge_page_arena(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
 
 def huge_page_buffers(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """One huge-page-backed CPU buffer cut into uninitialised tensors, name -> (shape, dtype), back to
-    back in the order given (no gap: consecutive tensors of one dtype are adjacent in memory). Each
-    tensor starts at a multiple of its element size (sizes are rounded up to 8 bytes between tensors
-    only when the next tensor's alignment needs it)."""
+    back in the order given: consecutive tensors of one dtype are adjacent in memory; a tensor after
+    one of a smaller element size starts at the next multiple of its own element size."""
     offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
     total = 0
     for name, (shape, dtype) in specs.items():
